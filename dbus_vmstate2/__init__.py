@@ -1,0 +1,1 @@
+"""dbus-vmstate2: device-state migration for VMM helper daemons over D-Bus."""

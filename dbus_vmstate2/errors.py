@@ -1,0 +1,152 @@
+"""The typed errors of dbus-vmstate2, each with its one D-Bus error name.
+
+Every failure a caller can act on is one of these classes.  Each carries its
+wire identity as the class attribute ``dbus_name``, so the service boundary
+turns it into an error reply in exactly one place and the client turns an
+error reply back into the same class (:func:`from_dbus_error`).
+
+Two families, as in h11: :class:`StreamError` means "the peer, the file or the
+pipe sent us something wrong" (the remote's fault); the others mean a request
+that cannot be served as asked (the caller's fault or a back-end failure).
+"""
+
+from __future__ import annotations
+
+import enum
+
+ERROR_PREFIX = "org.qemu.VMState2.Error."
+
+
+class ErrorName(enum.StrEnum):
+    """The fixed set of D-Bus error names of org.qemu.VMState2."""
+
+    BUSY = ERROR_PREFIX + "Busy"
+    INVALID_STATE = ERROR_PREFIX + "InvalidState"
+    FORMAT = ERROR_PREFIX + "Format"
+    INTEGRITY = ERROR_PREFIX + "Integrity"
+    TRUNCATED = ERROR_PREFIX + "Truncated"
+    UNSUPPORTED = ERROR_PREFIX + "Unsupported"
+    ID_MISMATCH = ERROR_PREFIX + "IdMismatch"
+    LIMIT_EXCEEDED = ERROR_PREFIX + "LimitExceeded"
+    ACCESS_DENIED = ERROR_PREFIX + "AccessDenied"
+    CANCELLED = ERROR_PREFIX + "Cancelled"
+    FAILED = ERROR_PREFIX + "Failed"
+
+
+class VMStateError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    dbus_name: ErrorName = ErrorName.FAILED
+
+
+class BackendFailed(VMStateError):
+    """The back-end's own save or load code failed (see the back-end's log)."""
+
+
+class Busy(VMStateError):
+    """Another transfer is already running on this back-end."""
+
+    dbus_name = ErrorName.BUSY
+
+
+class InvalidState(VMStateError):
+    """The request is not allowed in the back-end's current migration state."""
+
+    dbus_name = ErrorName.INVALID_STATE
+
+
+class Unsupported(VMStateError):
+    """The peer asks for a feature, version or method this side does not have."""
+
+    dbus_name = ErrorName.UNSUPPORTED
+
+
+class LimitExceeded(VMStateError):
+    """A stated limit (state size, record size, header size, ...) was exceeded."""
+
+    dbus_name = ErrorName.LIMIT_EXCEEDED
+
+
+class AccessDenied(VMStateError):
+    """The caller is not allowed to drive this back-end."""
+
+    dbus_name = ErrorName.ACCESS_DENIED
+
+
+class Cancelled(VMStateError):
+    """The transfer was cancelled; the source keeps its state."""
+
+    dbus_name = ErrorName.CANCELLED
+
+
+class StreamError(VMStateError):
+    """The stream or file we were given is not a valid dbus-vmstate2 stream.
+
+    This is the single "remote sent garbage" error: the decoder raises this
+    (or a subclass) for any bad input, and nothing else.
+    """
+
+    dbus_name = ErrorName.FORMAT
+
+
+class BadMagic(StreamError):
+    """The data does not start with the expected magic bytes."""
+
+
+class UnsupportedVersion(StreamError):
+    """The stream's format version or compression is not one we can read."""
+
+    dbus_name = ErrorName.UNSUPPORTED
+
+
+class Truncated(StreamError):
+    """The stream ended before its trailer."""
+
+    dbus_name = ErrorName.TRUNCATED
+
+
+class Corrupt(StreamError):
+    """A checksum, digest, count or sequence number does not match."""
+
+    dbus_name = ErrorName.INTEGRITY
+
+
+class IdMismatch(StreamError):
+    """The stream belongs to another back-end Id."""
+
+    dbus_name = ErrorName.ID_MISMATCH
+
+
+class StreamLimitExceeded(StreamError, LimitExceeded):
+    """The stream declares or carries more than a stated limit allows."""
+
+    dbus_name = ErrorName.LIMIT_EXCEEDED
+
+
+# The class a client raises for each name: the most general class with that
+# name, so that ``except Corrupt`` also catches it on the far side of the bus.
+_CLASS_BY_NAME: dict[str, type[VMStateError]] = {
+    ErrorName.BUSY: Busy,
+    ErrorName.INVALID_STATE: InvalidState,
+    ErrorName.FORMAT: StreamError,
+    ErrorName.INTEGRITY: Corrupt,
+    ErrorName.TRUNCATED: Truncated,
+    ErrorName.UNSUPPORTED: Unsupported,
+    ErrorName.ID_MISMATCH: IdMismatch,
+    ErrorName.LIMIT_EXCEEDED: LimitExceeded,
+    ErrorName.ACCESS_DENIED: AccessDenied,
+    ErrorName.CANCELLED: Cancelled,
+    ErrorName.FAILED: BackendFailed,
+}
+
+
+def from_dbus_error(name: str, text: str) -> VMStateError:
+    """Rebuild the typed error for a D-Bus error reply ``name`` with ``text``.
+
+    A name outside our set (a bus error, a timeout, ...) becomes
+    :class:`BackendFailed` with the foreign name kept in the message.
+    """
+    cls = _CLASS_BY_NAME.get(name)
+    if cls is None:
+        return BackendFailed(f"{name}: {text}")
+    return cls(text)

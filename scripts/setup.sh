@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what the demo, the tests and the benchmarks need, then leaves a
+# ready virtual environment in .venv.  Safe to run again: it installs only
+# what is missing.  Sourced by demo.sh, test.sh and bench.sh.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# Debian packages: the bus daemon, busctl, stock QEMU (VMState1 interop
+# tests) and the zstd command (the benchmark's baseline).
+need_apt=()
+command -v dbus-daemon >/dev/null || need_apt+=(dbus-daemon)
+command -v busctl >/dev/null || need_apt+=(systemd)
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+command -v zstd >/dev/null || need_apt+=(zstd)
+if ((${#need_apt[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "setup: Python 3.11 or newer is needed ($python is $("$python" --version 2>&1))" >&2
+    exit 1
+}
+
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+stamp="$venv/.installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
+    touch "$stamp"
+fi
