@@ -37,6 +37,8 @@ class VMStateError(Exception):
     """Base of every error this package raises on purpose."""
 
     dbus_name: ErrorName = ErrorName.FAILED
+    remote_name: str | None = None
+    """The error name of the D-Bus reply this was rebuilt from, if any."""
 
 
 class BackendFailed(VMStateError):
@@ -147,6 +149,10 @@ def from_dbus_error(name: str, text: str) -> VMStateError:
     :class:`BackendFailed` with the foreign name kept in the message.
     """
     cls = _CLASS_BY_NAME.get(name)
-    if cls is None:
-        return BackendFailed(f"{name}: {text}")
-    return cls(text)
+    error = BackendFailed(f"{name}: {text}") if cls is None else cls(text)
+    error.remote_name = name
+    return error
+
+
+class DiscoveryError(VMStateError):
+    """The back-ends on the bus are not the ones asked for (missing or duplicate Ids)."""

@@ -1,0 +1,36 @@
+"""org.qemu.VMState1 exactly as QEMU drives it (interfaces/org.qemu.VMState1.xml)."""
+
+# No "from __future__ import annotations": dbus-fast reads the D-Bus
+# signatures from the evaluated annotations.
+from typing import TYPE_CHECKING
+
+from dbus_fast.annotations import DBusBytes, DBusStr
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
+
+from ..names import VMSTATE1
+from .boundary import dbus_errors
+
+if TYPE_CHECKING:
+    from .core import Backend
+
+
+class VMState1Interface(ServiceInterface):
+    """``Id``, ``Save() -> ay`` and ``Load(ay)``; the work is the Backend's."""
+
+    def __init__(self, backend: "Backend") -> None:
+        super().__init__(VMSTATE1)
+        self._backend = backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:  # noqa: N802 - D-Bus member names
+        return self._backend.id
+
+    @method()
+    async def Save(self) -> DBusBytes:  # noqa: N802
+        with dbus_errors("VMState1 Save"):
+            return await self._backend.save_inline()
+
+    @method()
+    async def Load(self, data: DBusBytes) -> None:  # noqa: N802
+        with dbus_errors("VMState1 Load"):
+            await self._backend.load_inline(data)

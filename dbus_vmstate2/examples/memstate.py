@@ -1,0 +1,135 @@
+"""memstate: an example back-end whose whole state is a block of memory.
+
+It serves deterministic bytes (``--size N --seed S``) or exactly the bytes
+of a file (``--state-file F``), and can write what it receives by Load to a
+file (``--save-loaded F``), so that tests, the demo and the benchmarks can
+check a migration byte for byte.  Once registered it prints one line,
+``READY <unique bus name>``, on standard output.  It runs until SIGTERM,
+SIGINT or the loss of its bus.
+
+    python -m dbus_vmstate2.examples.memstate --address ADDR --id ID --size 1M --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..backend import Backend, ThreadedBackend
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``256M``, ``2G`` -> bytes (binary units)."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    try:
+        value = int(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return value
+
+
+def deterministic_state(size: int, seed: int) -> bytearray:
+    """``size`` pseudo-random bytes that depend only on ``seed``."""
+    return bytearray(random.Random(seed).randbytes(size))
+
+
+class MemState:
+    """The daemon's state and its save and load callables."""
+
+    def __init__(self, state: bytearray, save_loaded: Path | None) -> None:
+        self.state = state
+        self._save_loaded = save_loaded
+
+    def save(self) -> memoryview:
+        # One bytes-like object: the library sends it as 1 MiB records
+        # without copying it.
+        return memoryview(self.state)
+
+    def load(self, records: Iterator[bytes]) -> None:
+        # Stage, then commit: the iterator raises if anything fails its
+        # check, and then the live state is untouched.
+        staged = bytearray()
+        for record in records:
+            staged += record
+        self.state = staged
+        if self._save_loaded is not None:
+            self._save_loaded.write_bytes(self.state)
+        logging.info("loaded %d bytes of state", len(staged))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dbus_vmstate2.examples.memstate", description=__doc__.splitlines()[0])
+    parser.add_argument("--address", help="D-Bus address (default: the session bus)")
+    parser.add_argument("--id", required=True, help="the back-end's Id")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--size", type=parse_size, default=0, help="serve this many deterministic bytes")
+    source.add_argument("--state-file", type=Path, help="serve exactly the bytes of this file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic bytes (default 0)")
+    parser.add_argument("--save-loaded", type=Path, metavar="FILE", help="write the state received by Load to FILE")
+    parser.add_argument("--threaded", action="store_true", help="use the threaded adapter instead of asyncio")
+    return parser
+
+
+def _print_ready(unique_name: str) -> None:
+    print(f"READY {unique_name}", flush=True)
+
+
+async def _serve_asyncio(backend: Backend) -> None:
+    await backend.start()
+    _print_ready(backend.unique_name)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    closed = asyncio.ensure_future(backend.wait_closed())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    await backend.stop()
+    await closed
+
+
+def _serve_threaded(backend: ThreadedBackend) -> None:
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    backend.start()
+    _print_ready(backend.unique_name)
+    while not stop and not backend.wait_closed(timeout=0.2):
+        pass
+    backend.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"memstate[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    if args.state_file is not None:
+        state = bytearray(args.state_file.read_bytes())
+    else:
+        state = deterministic_state(args.size, args.seed)
+    memstate = MemState(state, args.save_loaded)
+    if args.threaded:
+        _serve_threaded(ThreadedBackend(args.id, memstate.save, memstate.load, address=args.address))
+    else:
+        asyncio.run(_serve_asyncio(Backend(args.id, memstate.save, memstate.load, address=args.address)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Method calls to a back-end, with error replies raised as our typed errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from ..errors import from_dbus_error
+from ..names import OBJECT_PATH
+
+BUS_NAME = "org.freedesktop.DBus"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+
+
+async def call(
+    bus: MessageBus,
+    destination: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: Sequence[Any] = (),
+    *,
+    path: str = OBJECT_PATH,
+    unix_fds: Sequence[int] = (),
+) -> list[Any]:
+    """Call ``interface.member`` on ``destination`` and return the reply's body.
+
+    Raises:
+        VMStateError: the subclass matching the error reply's name.
+    """
+    reply = await bus.call(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+            unix_fds=list(unix_fds),
+        )
+    )
+    if reply.message_type is MessageType.ERROR:
+        text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+        raise from_dbus_error(reply.error_name or "", text)
+    return reply.body

@@ -1,0 +1,80 @@
+"""Find the back-ends on a bus the way QEMU's dbus-vmstate does.
+
+Every back-end queues on ``org.qemu.VMState1``; ``ListQueuedOwners`` gives
+their unique names and ``Properties.GetAll`` their Ids.  As in QEMU since 7.1,
+a peer that does not answer GetAll is skipped with a warning (it is not one of
+ours), a duplicate Id is an error, and with an Id list only those Ids are kept
+and each must be present.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+
+from ..errors import DiscoveryError, VMStateError
+from ..names import OBJECT_PATH, VMSTATE1
+from .calls import BUS_NAME, PROPERTIES, call
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """One back-end found on the bus."""
+
+    id: str
+    """Its Id, unique on the bus."""
+    unique_name: str
+    """The unique bus name (``:1.N``) that addresses it."""
+
+
+async def connect(address: str | None) -> MessageBus:
+    """Connect to ``address`` (the session bus when None), with fd passing."""
+    if address is None:
+        bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
+    else:
+        bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
+    return await bus.connect()
+
+
+async def list_backends(bus: MessageBus, id_list: Sequence[str] | None = None) -> list[BackendInfo]:
+    """Return the back-ends on ``bus``, in queue order.
+
+    Args:
+        id_list: keep only these Ids, and require each of them.
+
+    Raises:
+        DiscoveryError: two back-ends share an Id, or an Id of ``id_list``
+            is not on the bus.
+    """
+    try:
+        [owners] = await call(bus, BUS_NAME, BUS_NAME, "ListQueuedOwners", "s", [VMSTATE1], path="/org/freedesktop/DBus")
+    except VMStateError as exc:
+        if exc.remote_name != "org.freedesktop.DBus.Error.NameHasNoOwner":
+            raise
+        owners = []
+    found: dict[str, BackendInfo] = {}
+    for owner in owners:
+        try:
+            [props] = await call(bus, owner, PROPERTIES, "GetAll", "s", [VMSTATE1], path=OBJECT_PATH)
+            backend_id = props["Id"].value
+        except (VMStateError, KeyError) as exc:
+            log.warning("%s queues on %s but has no readable Id, skipped: %s", owner, VMSTATE1, exc)
+            continue
+        if id_list is not None and backend_id not in id_list:
+            continue
+        if backend_id in found:
+            raise DiscoveryError(
+                f"two back-ends have the Id {backend_id!r}: {found[backend_id].unique_name} and {owner}"
+            )
+        found[backend_id] = BackendInfo(backend_id, owner)
+    if id_list is not None:
+        missing = [i for i in id_list if i not in found]
+        if missing:
+            raise DiscoveryError(f"required back-ends are not on the bus: {', '.join(missing)}")
+    return list(found.values())

@@ -1,0 +1,178 @@
+"""The back-end library's VMState1 face, against a private dbus-daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import subprocess
+
+import pytest
+
+from dbus_vmstate2.backend import Backend, ThreadedBackend
+from dbus_vmstate2.errors import BackendFailed, ErrorName, IdMismatch, LimitExceeded, StreamError
+from dbus_vmstate2.examples.memstate import deterministic_state
+from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT
+from dbus_vmstate2.vmm import list_backends
+from dbus_vmstate2.vmm.calls import BUS_NAME, call
+from dbus_vmstate2.vmm.vmstate1 import load_inline, save_inline
+
+from .introspection import members_from_busctl, members_from_xml
+
+
+class Store:
+    """A daemon's state and the two callables the library asks for."""
+
+    def __init__(self, state: bytes = b"") -> None:
+        self.state = state
+        self.loads = 0
+
+    def save(self) -> bytes:
+        return self.state
+
+    def load(self, records) -> None:
+        self.state = b"".join(records)
+        self.loads += 1
+
+
+async def test_registers_and_answers_getall(bus_address, client):
+    async with Backend("disk0", Store().save, Store().load, address=bus_address) as backend:
+        [owners] = await call(client, BUS_NAME, BUS_NAME, "ListQueuedOwners", "s", [VMSTATE1], path="/org/freedesktop/DBus")
+        assert owners == [backend.unique_name]
+        [props] = await call(client, backend.unique_name, "org.freedesktop.DBus.Properties", "GetAll", "s", [VMSTATE1])
+        assert props["Id"].value == "disk0"
+
+
+async def test_several_backends_queue_on_the_one_name(bus_address, client, memstate):
+    started = [memstate(f"helper{i}", "--size", "1K", "--seed", str(i)) for i in range(3)]
+    [owners] = await call(client, BUS_NAME, BUS_NAME, "ListQueuedOwners", "s", [VMSTATE1], path="/org/freedesktop/DBus")
+    assert owners == [b.unique_name for b in started]
+    found = await list_backends(client)
+    assert [(b.id, b.unique_name) for b in found] == [(f"helper{i}", s.unique_name) for i, s in enumerate(started)]
+    # Only the first is the primary owner; the queued ones must keep serving.
+    assert all(b.process.poll() is None for b in started)
+
+
+async def test_round_trip_between_processes(bus_address, client, memstate, tmp_path):
+    source = memstate("net0", "--size", "300K", "--seed", "7")
+    [info] = await list_backends(client)
+    blob = await save_inline(client, info)
+    assert source.stop() == 0
+    loaded = tmp_path / "loaded"
+    memstate("net0", "--save-loaded", str(loaded))
+    [info] = await list_backends(client)
+    await load_inline(client, info, blob)
+    assert hashlib.sha256(loaded.read_bytes()).digest() == hashlib.sha256(deterministic_state(300 << 10, 7)).digest()
+
+
+@pytest.mark.parametrize("records", [[], [b""], [b"a"], [b"I'am\0idA!", b"", b"\0" * 5000]])
+async def test_records_come_back_in_order(bus_address, client, records):
+    received = []
+    async with (
+        Backend("a", lambda: iter(records), lambda r: received.extend(r), address=bus_address) as source,
+    ):
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+    assert blob, "QEMU rejects an empty Save reply"
+    async with Backend("a", lambda: b"", lambda r: received.extend(r), address=bus_address):
+        [info] = await list_backends(client)
+        await load_inline(client, info, blob)
+    assert received == records
+    del source
+
+
+async def test_state_over_1mib_is_refused_with_a_named_error(bus_address, client, caplog):
+    incompressible = deterministic_state(VMSTATE1_SIZE_LIMIT + 1, 3)
+    async with Backend("big", Store(bytes(incompressible)).save, Store().load, address=bus_address):
+        [info] = await list_backends(client)
+        with caplog.at_level(logging.WARNING), pytest.raises(LimitExceeded) as raised:
+            await save_inline(client, info)
+    assert raised.value.remote_name == ErrorName.LIMIT_EXCEEDED
+    assert "VMState2" in str(raised.value)
+    assert any("VMState2" in r.getMessage() and "big" in r.getMessage() for r in caplog.records)
+
+
+async def test_compressible_state_over_1mib_fits(bus_address, client):
+    state = b"inode=1234 handle=abcd path=/srv/share\n" * 100_000  # 3.9 MiB, compresses well
+    loaded = Store()
+    async with Backend("fs", Store(state).save, loaded.load, address=bus_address):
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+        assert len(blob) <= VMSTATE1_SIZE_LIMIT
+        await load_inline(client, info, blob)
+    assert loaded.state == state
+
+
+async def test_failing_load_is_a_dbus_error_that_leaks_nothing(bus_address, client, caplog):
+    def load(records):
+        raise ValueError("secret internal detail")
+
+    async with Backend("x", Store(b"abc").save, load, address=bus_address):
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+        with caplog.at_level(logging.ERROR), pytest.raises(BackendFailed) as raised:
+            await load_inline(client, info, blob)
+    assert raised.value.remote_name == ErrorName.FAILED
+    assert "ValueError" in str(raised.value) and "secret" not in str(raised.value)
+    assert any("secret internal detail" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+async def test_bad_blobs_are_refused_and_the_state_kept(bus_address, client):
+    async with Backend("a", Store(b"state of a").save, Store().load, address=bus_address):
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+    target = Store(b"previous")
+    async with Backend("b", target.save, target.load, address=bus_address):
+        [info] = await list_backends(client)
+        with pytest.raises(IdMismatch):
+            await load_inline(client, info, blob)
+    async with Backend("a", target.save, target.load, address=bus_address):
+        [info] = await list_backends(client)
+        flipped = bytearray(blob)
+        flipped[-9] ^= 0x40
+        with pytest.raises(StreamError):
+            await load_inline(client, info, bytes(flipped))
+        with pytest.raises(StreamError):
+            await load_inline(client, info, blob[: len(blob) // 2])
+        with pytest.raises(StreamError):
+            await load_inline(client, info, b"garbage")
+    assert target.state == b"previous" and target.loads == 0
+
+
+def test_threaded_daemon_served_through_busctl(bus_address):
+    """A daemon with no event loop of its own, driven by the real busctl."""
+    store = Store(b"\x01\x02\x03")
+    with ThreadedBackend("threaded", store.save, store.load, address=bus_address) as backend:
+        out = subprocess.run(
+            ["busctl", f"--address={bus_address}", "call", backend.unique_name, OBJECT_PATH, VMSTATE1, "Save"],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout.split()
+        assert out[0] == "ay" and int(out[1]) == len(out) - 2 > 0
+        got = subprocess.run(
+            ["busctl", f"--address={bus_address}", "get-property", backend.unique_name, OBJECT_PATH, VMSTATE1, "Id"],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout
+        assert got.strip() == 's "threaded"'
+        subprocess.run(
+            ["busctl", f"--address={bus_address}", "call", backend.unique_name, OBJECT_PATH, VMSTATE1, "Load", *out],
+            check=True, capture_output=True, text=True, timeout=30,
+        )
+    assert store.state == b"\x01\x02\x03" and store.loads == 1
+
+
+def test_threaded_start_fails_clearly_without_a_bus(tmp_path):
+    with pytest.raises(OSError):
+        ThreadedBackend("x", bytes, list, address=f"unix:path={tmp_path}/nobus").start()
+
+
+async def test_busctl_introspection_matches_the_xml(bus_address):
+    async with Backend("introspected", Store().save, Store().load, address=bus_address) as backend:
+        live = await asyncio.to_thread(members_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE1)
+    assert live == members_from_xml(VMSTATE1)
+    assert (".Save", "method", "-", "ay") in live
+
+
+@pytest.mark.parametrize("bad", ["", "a,b", "x" * 256, "nul\0"])
+def test_unusable_ids_are_refused(bad):
+    with pytest.raises((ValueError, LimitExceeded)):
+        Backend(bad, bytes, list)
