@@ -1,0 +1,1 @@
+"""The VMM helper: discovery, save/load, migration and the saved-file layer."""
