@@ -1,0 +1,7 @@
+"""``python -m dbus_vmstate2``: the same as the ``dbus-vmstate2`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,360 @@
+"""The stream decoder: wire bytes in, verified events out (docs/stream-format.md).
+
+Sans-IO, as h11: :meth:`StreamDecoder.feed` queues input of any segmentation,
+:meth:`StreamDecoder.next_event` returns the next verified event or
+:data:`NEED_DATA`.  Any bad input raises a :class:`~dbus_vmstate2.errors.StreamError`
+subclass, and the decoder then stays failed (every later call raises the same
+error).  Memory is bounded by the format's limits: the decoder never buffers
+more than one record (MAX_RECORD_SIZE raw plus its frame) beyond the chunk the
+caller last fed, and never decompresses more than the declared size plus one.
+
+Input chunks that are read-only (``bytes``) are kept by reference, so a
+payload that lies inside one fed chunk is returned as a memoryview slice of it
+without a copy; mutable chunks (``bytearray``) are copied once on ``feed``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import deque
+from typing import NamedTuple
+
+from ..errors import Corrupt, IdMismatch, StreamError, Truncated, UnsupportedVersion
+from ._events import NEED_DATA, Record, StreamEnd, StreamHeader, _Sentinel
+from ._format import (
+    HEADER_FIXED_SIZE,
+    RECORD_HEADER_SIZE,
+    TRAILER_SIZE,
+    TRAILER_TYPE,
+    WINDOW_LOG_MAX,
+    ZSTD_MAGIC,
+    Compression,
+    RecordType,
+    check_magic,
+    crc32,
+    header_size,
+    parse_header,
+    parse_record,
+    parse_trailer,
+    zstd_check,
+)
+from ._zstd import zstd
+
+Buffer = bytes | bytearray | memoryview
+
+
+class _Input:
+    """A queue of read-only memoryviews, consumed from the front."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self.size = 0
+
+    def append(self, data: Buffer, copy: bool) -> None:
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if not view.nbytes:
+            return
+        if copy and not view.readonly:  # the caller may reuse its buffer: keep our own copy
+            view = memoryview(view.tobytes())
+        self._chunks.append(view)
+        self.size += view.nbytes
+
+    def detach(self) -> None:
+        """Copy what is left of mutable chunks (a few bytes when skimming)."""
+        for i, chunk in enumerate(self._chunks):
+            if not chunk.readonly:
+                self._chunks[i] = memoryview(chunk.tobytes())
+
+    def peek(self, n: int) -> bytes:
+        """The first min(n, size) bytes, copied (n is small)."""
+        out = b""
+        for chunk in self._chunks:
+            if len(out) >= n:
+                break
+            out += chunk[: n - len(out)]
+        return out[:n]
+
+    def take(self, n: int) -> memoryview:
+        """Remove and return the first n bytes (size >= n); no copy within one chunk."""
+        first = self._chunks[0]
+        if len(first) >= n:
+            out = first[:n]
+            self._drop(n)
+            return out
+        parts = []
+        need = n
+        while need:
+            chunk = self._chunks[0]
+            parts.append(chunk[:need])
+            need -= min(need, len(chunk))
+            self._drop(len(parts[-1]))
+        return memoryview(b"".join(parts))
+
+    def skip(self, n: int) -> int:
+        """Discard up to n bytes; return how many were discarded."""
+        done = 0
+        while done < n and self._chunks:
+            step = min(n - done, len(self._chunks[0]))
+            self._drop(step)
+            done += step
+        return done
+
+    def _drop(self, n: int) -> None:
+        first = self._chunks[0]
+        if n == len(first):
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = first[n:]
+        self.size -= n
+
+
+class _State(enum.Enum):
+    HEADER = "header"
+    UNIT = "record header or trailer"
+    PAYLOAD = "record payload"
+    DONE = "done"
+
+
+class StreamDecoder:
+    """Decode and verify one stream.
+
+    Args:
+        expected_id: if given, a stream whose header names another Id raises
+            IdMismatch.
+        payloads: False to skim: payloads are skipped, not decompressed nor
+            checksummed, and records carry sizes only.  Framing, sequence
+            numbers, limits and the whole trailer (counts and digest) are
+            still checked, because the digest covers only headers.  A skimming
+            decoder does not copy mutable input on feed(): call next_event()
+            until NEED_DATA before reusing a fed buffer.
+    """
+
+    def __init__(self, expected_id: str | None = None, *, payloads: bool = True) -> None:
+        self.expected_id = expected_id
+        self.payloads = payloads
+        self.header: StreamHeader | None = None
+        """The stream header, once decoded."""
+        self.records = 0
+        """Records decoded so far."""
+        self.raw_bytes = 0
+        """Raw payload bytes of the records decoded so far."""
+        self.wire_bytes = 0
+        """Stream bytes consumed so far."""
+        self._in = _Input()
+        self._state = _State.HEADER
+        self._eof = False
+        self._error: StreamError | None = None
+        self._digest = hashlib.sha256()
+        self._end_of_initial = False
+        self._rec: tuple[RecordType, int, int, int] = (RecordType.DATA, 0, 0, 0)
+        self._skipped = 0
+
+    @property
+    def done(self) -> bool:
+        """True once StreamEnd has been returned."""
+        return self._state is _State.DONE
+
+    def feed(self, data: Buffer) -> None:
+        """Queue input bytes (any bytes-like, any size, any segmentation).
+
+        Raises:
+            Corrupt: bytes arrive after the trailer.
+            RuntimeError: called after feed_eof().
+        """
+        if self._eof:
+            raise RuntimeError("StreamDecoder.feed() after feed_eof()")
+        self._in.append(data, copy=self.payloads)
+        if self._state is _State.DONE and self._in.size and self._error is None:
+            self._error = Corrupt(f"{self._in.size} bytes after the stream trailer, expected none")
+            raise self._error
+
+    def feed_eof(self) -> None:
+        """Mark the end of input; a stream then lacking its trailer raises Truncated."""
+        self._eof = True
+
+    def next_event(self) -> StreamHeader | Record | StreamEnd | _Sentinel:
+        """Return the next verified event, or NEED_DATA.
+
+        Returns:
+            StreamHeader first, then each Record in order, then StreamEnd; then
+            NEED_DATA forever.  NEED_DATA also means "feed more bytes".
+
+        Raises:
+            StreamError: one of BadMagic, UnsupportedVersion, Truncated,
+                Corrupt, IdMismatch, StreamLimitExceeded.  The decoder is then
+                failed for good and raises the same error on every call.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            event = self._next()
+            if event is NEED_DATA and not self.payloads:
+                self._in.detach()
+            return event
+        except StreamError as exc:
+            self._error = exc
+            raise
+
+    def _need(self, n: int) -> _Sentinel:
+        if not self._eof:
+            return NEED_DATA
+        at = self.wire_bytes + self._skipped + self._in.size
+        where = f"record {self.records}'s payload" if self._state is _State.PAYLOAD else f"the {self._state.value}"
+        raise Truncated(f"stream ended after {at} bytes, inside {where}: expected {n} more bytes, found {self._in.size}")
+
+    def _next(self) -> StreamHeader | Record | StreamEnd | _Sentinel:
+        if self._state is _State.HEADER:
+            return self._header()
+        if self._state is _State.UNIT:
+            if self._in.size < 1:
+                return self._need(1)
+            is_trailer = self._in.peek(1)[0] == TRAILER_TYPE
+            size = TRAILER_SIZE if is_trailer else RECORD_HEADER_SIZE
+            if self._in.size < size:
+                return self._need(size)
+            raw = self._in.take(size).tobytes()
+            if is_trailer:
+                return self._trailer(raw)
+            assert self.header is not None
+            self._rec = parse_record(raw, self.records, self.header.compression)
+            if self._rec[0] is RecordType.END_OF_INITIAL:
+                if self._end_of_initial:
+                    raise Corrupt(f"record {self.records}: second END_OF_INITIAL, expected at most one")
+                self._end_of_initial = True
+            self._digest.update(raw)
+            self.wire_bytes += size
+            self._state = _State.PAYLOAD
+        if self._state is _State.PAYLOAD:
+            return self._payload()
+        if self._in.size:  # DONE
+            raise Corrupt(f"{self._in.size} bytes after the stream trailer, expected none")
+        return NEED_DATA
+
+    def _header(self) -> StreamHeader | _Sentinel:
+        check_magic(self._in.peek(8))
+        if self._in.size < HEADER_FIXED_SIZE:
+            return self._need(HEADER_FIXED_SIZE)
+        size = header_size(self._in.peek(HEADER_FIXED_SIZE))
+        if self._in.size < size:
+            return self._need(size)
+        raw = self._in.take(size).tobytes()
+        backend_id, compression, level = parse_header(raw)
+        if self.expected_id is not None and backend_id != self.expected_id:
+            raise IdMismatch(f"stream is for back-end Id {backend_id!r}, expected {self.expected_id!r}")
+        self._digest.update(raw)
+        self.wire_bytes += size
+        self._state = _State.UNIT
+        self.header = StreamHeader(backend_id, compression, level, size=size)
+        return self.header
+
+    def _payload(self) -> Record | _Sentinel:
+        rtype, raw_len, wire_len, check = self._rec
+        payload: memoryview | None = None
+        if not self.payloads:
+            self._skipped += self._in.skip(wire_len - self._skipped)
+            if self._skipped < wire_len:
+                return self._need(wire_len - self._skipped)
+            self._skipped = 0
+        elif wire_len:
+            if self._in.size < wire_len:
+                return self._need(wire_len)
+            data = self._in.take(wire_len)
+            assert self.header is not None
+            if self.header.compression is Compression.NONE:
+                found = crc32(data)
+                if found != check:
+                    raise Corrupt(f"record {self.records}: payload CRC {found:#010x}, expected {check:#010x}")
+                payload = data
+            else:
+                payload = memoryview(_unzstd(data, raw_len, check, self.records))
+        else:
+            payload = memoryview(b"")
+        event = Record(self.records, rtype, payload, raw_len, wire_len)
+        self.records += 1
+        self.raw_bytes += raw_len
+        self.wire_bytes += wire_len
+        self._state = _State.UNIT
+        return event
+
+    def _trailer(self, raw: bytes) -> StreamEnd:
+        reserved, records, raw_bytes, wire_bytes, digest = parse_trailer(raw)
+        for what, found, want in (
+            ("records", records, self.records),
+            ("raw bytes", raw_bytes, self.raw_bytes),
+            ("stream bytes before the trailer", wire_bytes, self.wire_bytes),
+        ):
+            if found != want:
+                raise Corrupt(f"trailer says {found} {what}, the stream has {want}")
+        self._digest.update(raw[:32])
+        want_digest = self._digest.digest()
+        if digest != want_digest:
+            raise Corrupt(f"stream digest {digest.hex()}, expected {want_digest.hex()}")
+        if reserved:
+            raise UnsupportedVersion("trailer flags or reserved fields set, expected 0")
+        self.wire_bytes += TRAILER_SIZE
+        self._state = _State.DONE
+        if self._in.size:
+            raise Corrupt(f"{self._in.size} bytes after the stream trailer, expected none")
+        return StreamEnd(records, raw_bytes, self.wire_bytes, digest)
+
+
+def _unzstd(frame: memoryview, raw_len: int, check: int, seq: int) -> bytes:
+    """Decompress one record's zstd frame with bounded output (§4)."""
+    found = zstd_check(frame)
+    if found != check:
+        raise Corrupt(f"record {seq}: zstd frame check {found:#010x}, expected {check:#010x}")
+    if frame[:4] != ZSTD_MAGIC or len(frame) < 9 or frame[4] & 0x1B or not frame[4] & 0x04:
+        # 0x04: content checksum present; 0x1B: unused, reserved and dictionary bits clear.
+        raise Corrupt(f"record {seq}: payload is not a zstd frame with a content checksum and no dictionary")
+    dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max: WINDOW_LOG_MAX})
+    try:
+        # max_length bounds the output whatever the frame claims: a bomb stops here.
+        out = dec.decompress(frame, max_length=raw_len + 1)
+    except zstd.ZstdError as exc:
+        raise Corrupt(f"record {seq}: zstd: {exc}") from None
+    if len(out) != raw_len or not dec.eof or dec.unused_data:
+        state = "complete" if dec.eof else "incomplete"
+        raise Corrupt(
+            f"record {seq}: zstd frame gave {len(out)}{'+' if len(out) > raw_len else ''} bytes "
+            f"({state} frame, {len(dec.unused_data)} bytes after it), expected {raw_len}"
+        )
+    return out
+
+
+class DecodedStream(NamedTuple):
+    """What :func:`decode_stream` returns."""
+
+    header: StreamHeader
+    records: list[Record]
+    end: StreamEnd
+
+
+def decode_stream(data: Buffer, expected_id: str | None = None) -> DecodedStream:
+    """Decode and verify a whole (small) stream held in memory.
+
+    Args:
+        data: the complete stream.
+        expected_id: the Id the stream must carry, if any.
+
+    Returns:
+        The header, the records in order, and the end.
+
+    Raises:
+        StreamError: as StreamDecoder.next_event().
+    """
+    dec = StreamDecoder(expected_id)
+    dec.feed(data)
+    dec.feed_eof()
+    header, records = None, []
+    while (event := dec.next_event()) is not NEED_DATA:
+        if isinstance(event, StreamHeader):
+            header = event
+        elif isinstance(event, Record):
+            records.append(event)
+        else:
+            assert header is not None and isinstance(event, StreamEnd)
+            return DecodedStream(header, records, event)
+    raise AssertionError("unreachable: feed_eof() makes the decoder finish or raise")

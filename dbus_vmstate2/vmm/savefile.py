@@ -1,0 +1,241 @@
+"""Saved files on disk: an atomic writer and a reader (docs/stream-format.md §7).
+
+The byte layout lives in :mod:`dbus_vmstate2.stream.container`; this module
+only moves bytes between it and the file system, synchronously (run it in a
+thread from asyncio).
+
+The writer never leaves a half-written file under the final name: it writes a
+temporary file in the same directory, fsyncs it, renames it over the final
+name and fsyncs the directory; on any failure the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+
+from ..errors import Corrupt, Truncated
+from ..stream.container import (
+    FILE_HEADER_SIZE,
+    FOOTER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    ContainerWriter,
+    StreamInfo,
+    parse_file_header,
+    parse_footer,
+    parse_index,
+    parse_segment_header,
+)
+
+Buffer = bytes | bytearray | memoryview
+
+
+class SaveFileWriter:
+    """Write several back-ends' streams into one file, atomically.
+
+    Use as a context manager: leaving the block normally commits (the file
+    appears under ``path``), leaving it by an exception aborts (nothing
+    appears).  :meth:`write` may be called from several threads.
+
+    Args:
+        path: the final file name.
+        mode: permission bits of the new file (default 0o600: state is private).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._lock = threading.Lock()
+        self._container = ContainerWriter()
+        self._done = False
+        try:
+            os.fchmod(fd, mode)
+            self._put(self._container.start())
+        except BaseException:
+            self.abort()
+            raise
+
+    def open_stream(self, expected_id: str | None = None) -> int:
+        """Add a back-end's stream; return its number for :meth:`write`.
+
+        Args:
+            expected_id: the Id its stream header must carry, if known.
+        """
+        with self._lock:
+            return self._container.open_stream(expected_id)
+
+    def write(self, stream: int, data: Buffer) -> None:
+        """Append the next bytes of a stream (skimmed on the way; not copied).
+
+        Raises:
+            StreamError: the bytes are not a valid continuation of the stream.
+            OSError: the file system failed.
+        """
+        with self._lock:
+            self._put(self._container.write(stream, data))
+
+    def close_stream(self, stream: int) -> StreamInfo:
+        """Mark a stream complete; return its index entry.
+
+        Raises:
+            Truncated: the stream ended before its trailer.
+        """
+        with self._lock:
+            return self._container.close_stream(stream)
+
+    def commit(self) -> None:
+        """Write the index and footer, fsync, and rename to the final name.
+
+        Raises:
+            RuntimeError: a stream is still open.
+            OSError: the file system failed (the temporary file is removed).
+        """
+        with self._lock:
+            try:
+                self._put(self._container.finish())
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._tmp, self.path)
+                self._done = True
+                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            except BaseException:
+                self.abort()
+                raise
+
+    def abort(self) -> None:
+        """Discard the temporary file; the final name is left untouched."""
+        if self._done:
+            return
+        self._done = True
+        self._file.close()
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    def _put(self, chunks: list) -> None:
+        for chunk in chunks:
+            self._file.write(chunk)
+
+    def __enter__(self) -> SaveFileWriter:
+        return self
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if etype is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SaveFileReader:
+    """Read a saved file: its index, and its streams' bytes.
+
+    Opening checks the file header, footer and index.  The segment iterators
+    check every segment header and, when they reach the end, that each
+    stream's byte and segment counts match the index.  Reads use ``pread``, so
+    several iterators (one thread per back-end) may run at once.
+
+    Args:
+        path: the saved file.
+
+    Raises:
+        StreamError: not a saved file, or a corrupt or truncated one.
+        OSError: the file cannot be read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < FILE_HEADER_SIZE + FOOTER_SIZE:
+                raise Truncated(f"saved file of {size} bytes, expected at least {FILE_HEADER_SIZE + FOOTER_SIZE}")
+            parse_file_header(self._read(0, FILE_HEADER_SIZE))
+            self._index_offset, length = parse_footer(self._read(size - FOOTER_SIZE, FOOTER_SIZE), size)
+            self.streams: list[StreamInfo] = parse_index(self._read(self._index_offset, length))
+            """The index: one entry per back-end, by stream number."""
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def find(self, backend_id: str) -> int:
+        """Return the stream number of ``backend_id``, or raise KeyError."""
+        for number, info in enumerate(self.streams):
+            if info.backend_id == backend_id:
+                return number
+        raise KeyError(backend_id)
+
+    def segments(self, chunk_size: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+        """Yield (stream number, bytes) for every segment, in file order.
+
+        Args:
+            chunk_size: largest piece to yield (a segment may be split).
+
+        Raises:
+            StreamError: a bad segment header, or counts that differ from the index.
+        """
+        return self._walk(None, chunk_size)
+
+    def stream_chunks(self, stream: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Yield the bytes of one stream, in order, skipping the others.
+
+        Raises:
+            StreamError: as segments().
+        """
+        return (data for _, data in self._walk(stream, chunk_size))
+
+    def _walk(self, only: int | None, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+        count = len(self.streams)
+        seen_bytes, seen_segments = [0] * count, [0] * count
+        pos = FILE_HEADER_SIZE
+        while pos < self._index_offset:
+            if self._index_offset - pos < SEGMENT_HEADER_SIZE:
+                raise Corrupt(f"{self._index_offset - pos} stray bytes before the index at {pos}")
+            stream, length = parse_segment_header(self._read(pos, SEGMENT_HEADER_SIZE), count)
+            pos += SEGMENT_HEADER_SIZE
+            if pos + length > self._index_offset:
+                raise Corrupt(f"segment at {pos} of {length} bytes runs into the index at {self._index_offset}")
+            seen_bytes[stream] += length
+            seen_segments[stream] += 1
+            if only is None or stream == only:
+                for start in range(pos, pos + length, chunk_size):
+                    yield stream, self._read(start, min(chunk_size, pos + length - start))
+            pos += length
+        for number, info in enumerate(self.streams):
+            if (seen_bytes[number], seen_segments[number]) != (info.stream_bytes, info.segments):
+                raise Corrupt(
+                    f"stream {number} ({info.backend_id!r}): {seen_bytes[number]} bytes in "
+                    f"{seen_segments[number]} segments, the index says {info.stream_bytes} in {info.segments}"
+                )
+
+    def _read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise Truncated(f"{self.path}: read {len(data)} bytes at {offset}, expected {size}")
+        return data
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SaveFileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

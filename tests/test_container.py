@@ -1,0 +1,174 @@
+"""Saved-file container: round trip, interleaving, atomic write, corrupt files."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+
+from dbus_vmstate2.errors import BadMagic, Corrupt, IdMismatch, StreamError, StreamLimitExceeded, Truncated
+from dbus_vmstate2.stream import Compression, RecordType, decode_stream, encode_stream
+from dbus_vmstate2.stream.container import MAX_SEGMENT_SIZE, ContainerWriter, parse_index, pack_index
+from dbus_vmstate2.vmm.savefile import SaveFileReader, SaveFileWriter
+
+
+def streams() -> dict[str, bytes]:
+    return {
+        "virtiofsd-0": encode_stream("virtiofsd-0", [b'{"ino": %d}\n' % i * 50 for i in range(30)]),
+        "slirp": encode_stream("slirp", [os.urandom(5000), (RecordType.END_OF_INITIAL, b"")], Compression.NONE),
+        "empty": encode_stream("empty", []),
+    }
+
+
+def save(path, data: dict[str, bytes], piece: int = 97, rng: random.Random | None = None) -> None:
+    """Write the streams with their pieces interleaved (randomly if rng is given)."""
+    rng = rng or random.Random(0)
+    with SaveFileWriter(path) as w:
+        numbers = {name: w.open_stream(name) for name in data}
+        offsets = dict.fromkeys(data, 0)
+        while pending := [n for n in data if offsets[n] < len(data[n])]:
+            name = rng.choice(pending)
+            size = rng.randint(1, piece)
+            w.write(numbers[name], data[name][offsets[name] : offsets[name] + size])
+            offsets[name] += size
+        for name in data:
+            w.close_stream(numbers[name])
+
+
+def test_round_trip_interleaved(tmp_path):
+    data, path = streams(), tmp_path / "vm.state"
+    save(path, data)
+    assert os.listdir(tmp_path) == ["vm.state"]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    with SaveFileReader(path) as r:
+        assert [i.backend_id for i in r.streams] == list(data)
+        for number, (name, stream) in enumerate(data.items()):
+            info = r.streams[number]
+            decoded = decode_stream(stream)
+            assert (info.records, info.raw_bytes, info.stream_bytes, info.digest) == (
+                len(decoded.records), decoded.end.raw_bytes, len(stream), decoded.end.digest)  # fmt: skip
+            assert info.compression is decoded.header.compression and info.segments > 1 or name == "empty"
+            assert b"".join(r.stream_chunks(r.find(name), chunk_size=10)) == stream
+        rebuilt = {n: b"" for n in data}
+        for number, chunk in r.segments():
+            rebuilt[r.streams[number].backend_id] += chunk
+        assert rebuilt == data
+        assert len(list(r.segments())) > sum(i.segments for i in r.streams) - 1
+
+
+def test_parallel_writers(tmp_path):
+    data = {f"b{i}": encode_stream(f"b{i}", [os.urandom(2000) for _ in range(20)]) for i in range(4)}
+    path = tmp_path / "vm.state"
+    with SaveFileWriter(path) as w:
+
+        def pump(name: str) -> None:
+            n = w.open_stream(name)
+            for i in range(0, len(data[name]), 333):
+                w.write(n, bytearray(data[name][i : i + 333]))
+            w.close_stream(n)
+
+        threads = [threading.Thread(target=pump, args=(name,)) for name in data]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    with SaveFileReader(path) as r:
+        assert {i.backend_id: b"".join(r.stream_chunks(r.find(i.backend_id))) for i in r.streams} == data
+
+
+def test_large_writes_are_split_into_segments():
+    writer = ContainerWriter()
+    writer.start()
+    n = writer.open_stream()
+    stream = encode_stream("a", [os.urandom(16 << 20)], Compression.NONE)
+    chunks = writer.write(n, stream)
+    assert len(chunks) == 4 and max(len(c) for c in chunks) == MAX_SEGMENT_SIZE
+    assert chunks[1].obj is stream  # segments are views, not copies
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (lambda s: s[:-1], Truncated),  # the stream never ends
+        (lambda s: s + b"x", Corrupt),  # bytes after the trailer
+        (lambda s: b"junk" + s, BadMagic),
+        (lambda s: encode_stream("someone-else", [b"x"]), IdMismatch),
+    ],
+)
+def test_bad_stream_aborts_the_save_and_leaves_no_file(tmp_path, bad, error):
+    path = tmp_path / "vm.state"
+    with pytest.raises(error), SaveFileWriter(path) as w:
+        n = w.open_stream("virtiofsd-0")
+        w.write(n, bad(streams()["virtiofsd-0"]))
+        w.close_stream(n)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failure_mid_write_leaves_no_file_and_keeps_an_old_one(tmp_path):
+    path = tmp_path / "vm.state"
+    path.write_bytes(b"previous save")
+    with pytest.raises(RuntimeError, match="back-end died"), SaveFileWriter(path) as w:
+        w.write(w.open_stream(), streams()["slirp"][:100])
+        assert len(os.listdir(tmp_path)) == 2  # the temporary file sits next to the old one
+        raise RuntimeError("back-end died")
+    assert os.listdir(tmp_path) == ["vm.state"] and path.read_bytes() == b"previous save"
+    with pytest.raises(RuntimeError, match="still open"), SaveFileWriter(path) as w:
+        w.open_stream()
+    assert path.read_bytes() == b"previous save"
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    with pytest.raises(Corrupt, match="duplicate"), SaveFileWriter(tmp_path / "f") as w:
+        for _ in range(2):
+            n = w.open_stream()
+            w.write(n, streams()["slirp"])
+            w.close_stream(n)
+    assert os.listdir(tmp_path) == []
+
+
+def read_all(path) -> None:
+    with SaveFileReader(path) as r:
+        for _ in r.segments():
+            pass
+
+
+def test_every_truncation_and_bit_flip_of_the_container_framing_is_detected(tmp_path):
+    path = tmp_path / "vm.state"
+    save(path, {"slirp": encode_stream("slirp", [b"s" * 10], Compression.NONE)}, piece=40)
+    good = path.read_bytes()
+    for n in range(len(good)):
+        path.write_bytes(good[:n])
+        with pytest.raises(StreamError):
+            read_all(path)
+    stream_bytes = set()  # offsets of stream data (checked by the stream, not the container)
+    pos = 16
+    while good[pos] == 0x53:
+        length = int.from_bytes(good[pos + 8 : pos + 12], "little")
+        stream_bytes |= set(range(pos + 16, pos + 16 + length))
+        pos += 16 + length
+    for bit in range(len(good) * 8):
+        if bit // 8 in stream_bytes:
+            continue
+        bad = bytearray(good)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bad)
+        with pytest.raises(StreamError):
+            read_all(path)
+
+
+def test_absurd_index_sizes_are_refused(tmp_path):
+    path = tmp_path / "vm.state"
+    save(path, {"slirp": streams()["slirp"]})
+    data = bytearray(path.read_bytes())
+    import struct
+    import zlib
+
+    footer = struct.pack("<QI", 16, 0xFFFFFFFF)
+    data[-24:] = footer + struct.pack("<I", zlib.crc32(footer)) + data[-8:]
+    path.write_bytes(data)
+    with pytest.raises(StreamLimitExceeded, match="index of 4294967295 bytes"):
+        SaveFileReader(path)
+    with pytest.raises(StreamError):
+        parse_index(pack_index([])[:-1])

@@ -1,0 +1,321 @@
+"""Stream decoder against bad input: test vectors, truncation, bit flips,
+reordering, wrong Id, absurd lengths, decompression bombs (with a peak-memory
+assertion) and a bounded fuzz run.
+
+Longer fuzz run (a few minutes):
+    VMSTATE2_FUZZ_EXAMPLES=200000 bash scripts/test.sh tests/test_stream_integrity.py -k fuzz
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dbus_vmstate2.errors import (
+    BadMagic,
+    Corrupt,
+    IdMismatch,
+    StreamError,
+    StreamLimitExceeded,
+    Truncated,
+    UnsupportedVersion,
+)
+from dbus_vmstate2.stream import NEED_DATA, Compression, RecordType, StreamDecoder, decode_stream, encode_stream
+from dbus_vmstate2.stream._format import pack_header, pack_record, pack_trailer_fields, zstd_check
+
+# docs/stream-format.md §8: the same vectors, byte for byte.
+VECTOR_EMPTY = bytes.fromhex(
+    "89564d53320d0a1a0100000000000300766d307b311285ff0000000000000000"
+    "0000000000000000000000000000001700000000000000a7f702b018d167b720"
+    "1a62c73b221ef2d41379e7190e3099f7cad62a0fdb9d06"
+)
+VECTOR_NONE = bytes.fromhex(
+    "89564d53320d0a1a0100000000000300766d307b311285010000000500000000"
+    "000000000000000500000086a61036813e31d168656c6c6f0300000000000000"
+    "0100000000000000000000000000000099f2b755020000000600000002000000"
+    "0000000006000000e8988471642b3027776f726c6421ff000000000000000300"
+    "0000000000000b000000000000007600000000000000395352297bd2414c4e27"
+    "41286bdc96238a95e5f3c30830f2bfbbfefb5839f68f"
+)
+VECTOR_ZSTD = bytes.fromhex(
+    "89564d53320d0a1a0100000001010300766d306ae939e8010000001700000000"
+    "0000000000000019000000f6b930faa4293eab28b52ffd24176500003068656c"
+    "6c6f200100994b11175eae0dff00000000000000010000000000000017000000"
+    "000000004c000000000000006b45e90cf936739abe7cd00a28caeb711f6313ca"
+    "9d9ba4b47f8ee2583285f3bf"
+)
+NONE_RECORDS = [(RecordType.DATA, b"hello"), (RecordType.END_OF_INITIAL, b""), (RecordType.DIRTY, b"world!")]
+
+
+def test_vectors_encode_exactly():
+    assert encode_stream("vm0", [], Compression.NONE) == VECTOR_EMPTY
+    assert encode_stream("vm0", NONE_RECORDS, Compression.NONE) == VECTOR_NONE
+
+
+def test_vectors_decode():
+    assert decode_stream(VECTOR_EMPTY, "vm0").end.records == 0
+    got = decode_stream(VECTOR_NONE, "vm0")
+    assert [(r.type, bytes(r.payload)) for r in got.records] == NONE_RECORDS
+    assert got.end.wire_bytes == len(VECTOR_NONE)
+    # header 0:23, record headers 23:51, 56:84, 84:112 (payloads 51:56, 112:118), trailer 118:182
+    covered = VECTOR_NONE[:23] + VECTOR_NONE[23:51] + VECTOR_NONE[56:84] + VECTOR_NONE[84:112] + VECTOR_NONE[118:150]
+    assert got.end.digest == hashlib.sha256(covered).digest() == VECTOR_NONE[150:]
+    got = decode_stream(VECTOR_ZSTD, "vm0")
+    assert got.header.compression is Compression.ZSTD and got.header.level == 1
+    assert bytes(got.records[0].payload) == b"hello hello hello hello"
+
+
+SAMPLES = {
+    "none": VECTOR_NONE,
+    "zstd": encode_stream("vm0", [b"abc" * 50, (RecordType.END_OF_INITIAL, b""), os.urandom(40)], Compression.ZSTD),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("payloads", [True, False])
+def test_every_truncation_is_detected(name, payloads):
+    data = SAMPLES[name]
+    for n in range(len(data)):
+        dec = StreamDecoder(payloads=payloads)
+        dec.feed(data[:n])
+        dec.feed_eof()
+        with pytest.raises((Truncated, BadMagic)):  # b"" and a prefix of the magic are Truncated
+            while dec.next_event() is not NEED_DATA:
+                pass
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_every_single_bit_flip_is_detected(name):
+    data = SAMPLES[name]
+    for bit in range(len(data) * 8):
+        bad = bytearray(data)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(StreamError):
+            decode_stream(bytes(bad))
+
+
+def test_skim_detects_flips_outside_payloads():
+    data = VECTOR_NONE
+    payload_bytes = set(range(51, 56)) | set(range(112, 118))  # "hello", "world!"
+    for bit in range(len(data) * 8):
+        if bit // 8 in payload_bytes:
+            continue
+        bad = bytearray(data)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        dec = StreamDecoder(payloads=False)
+        dec.feed(bytes(bad))
+        dec.feed_eof()
+        with pytest.raises(StreamError):
+            while dec.next_event() is not NEED_DATA:
+                pass
+
+
+def test_swapped_records_are_detected():
+    a, b = b"A" * 100, b"B" * 100
+    data = encode_stream("vm0", [a, b], Compression.NONE)
+    head, rec0, rec1, trailer = data[:23], data[23:151], data[151:279], data[279:]
+    with pytest.raises(Corrupt, match="sequence number 1, expected 0"):
+        decode_stream(head + rec1 + rec0 + trailer)
+    # Even with renumbered headers (valid CRCs), the digest in the trailer disagrees.
+    rec1_as_0 = pack_record(RecordType.DATA, 0, 100, 100, zlib_crc(b)) + b
+    rec0_as_1 = pack_record(RecordType.DATA, 1, 100, 100, zlib_crc(a)) + a
+    with pytest.raises(Corrupt, match="digest"):
+        decode_stream(head + rec1_as_0 + rec0_as_1 + trailer)
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
+
+
+def test_id_a_refused_as_id_b():
+    data = encode_stream("backend-A", [b"state"])
+    with pytest.raises(IdMismatch, match="'backend-A'.*'backend-B'"):
+        decode_stream(data, "backend-B")
+    assert decode_stream(data, "backend-A").header.backend_id == "backend-A"
+
+
+def test_header_errors_say_what_was_expected():
+    with pytest.raises(BadMagic, match="expected magic 89564d53320d0a1a"):
+        decode_stream(b"GIF89a" + VECTOR_NONE[6:])
+    v2 = bytearray(VECTOR_NONE)
+    v2[8] = 2
+    with pytest.raises(UnsupportedVersion, match="version 2, expected 1"):
+        decode_stream(bytes(v2))
+    body = bytearray(pack_header("vm0", Compression.NONE, 0)[:-4])
+    body[12] = 7  # an unknown compression method, with a valid CRC
+    with pytest.raises(UnsupportedVersion, match="compression method 7"):
+        decode_stream(bytes(body) + struct.pack("<I", zlib_crc(body)))
+
+
+def forge(records: list[tuple[int, int, bytes, int]], trailer: tuple[int, int, int] | None = None,
+          compression: Compression = Compression.ZSTD) -> bytes:  # fmt: skip
+    """A stream with valid CRCs and digest around arbitrary (type, raw_len, wire, check) records."""
+    head = pack_header("vm0", compression, 1 if compression is Compression.ZSTD else 0)
+    parts, digest = [head], hashlib.sha256(head)
+    for seq, (rtype, raw_len, wire, check) in enumerate(records):
+        rh = pack_record(rtype, seq, raw_len, len(wire), check)
+        digest.update(rh)
+        parts += [rh, wire]
+    size = sum(map(len, parts))
+    fields = pack_trailer_fields(*(trailer or (len(records), sum(r[1] for r in records), size)))
+    digest.update(fields)
+    return b"".join([*parts, fields, digest.digest()])
+
+
+def test_forge_agrees_with_the_encoder():
+    assert forge([(1, 5, b"hello", zlib_crc(b"hello"))], compression=Compression.NONE) == encode_stream(
+        "vm0", [b"hello"], Compression.NONE, 1
+    )
+
+
+def test_absurd_lengths_are_refused_before_the_payload():
+    head = pack_header("vm0", Compression.NONE, 0)
+    for raw_len in (MAX := 16 << 20) + 1, 0xFFFFFFFF:
+        dec = StreamDecoder()
+        dec.feed(head + pack_record(RecordType.DATA, 0, raw_len, raw_len, 0))
+        dec.next_event()
+        with pytest.raises(StreamLimitExceeded, match=f"{raw_len} bytes, limit {MAX}"):
+            dec.next_event()
+    dec = StreamDecoder()
+    dec.feed(head + pack_record(RecordType.DATA, 0, 10, 1 << 31, 0))  # wire != raw uncompressed
+    dec.next_event()
+    with pytest.raises(Corrupt):
+        dec.next_event()
+    zhead = pack_header("vm0", Compression.ZSTD, 1)
+    dec = StreamDecoder()
+    dec.feed(zhead + pack_record(RecordType.DATA, 0, 10, 0xFFFFFFFF, 0))  # frame larger than any zstd bound
+    dec.next_event()
+    with pytest.raises(Corrupt, match="zstd frame of 4294967295 bytes"):
+        dec.next_event()
+    huge_id = bytearray(head[:16])
+    huge_id[14:16] = b"\xff\xff"
+    with pytest.raises(StreamLimitExceeded, match="Id length 65535"):
+        decode_stream(bytes(huge_id))
+    for counts in [(1 << 63, 5, 54), (1, 1 << 63, 54), (1, 5, (1 << 64) - 1)]:
+        with pytest.raises(Corrupt, match="trailer says"):
+            decode_stream(forge([(1, 5, b"hello", zlib_crc(b"hello"))], counts, Compression.NONE))
+
+
+def test_bomb_frames_are_refused():
+    from dbus_vmstate2.stream._zstd import zstd
+
+    zeros = zstd.compress(bytes(1 << 20))  # 1 MiB of zeros in a frame of a few dozen bytes
+    plain = zstd.ZstdCompressor(options={zstd.CompressionParameter.checksum_flag: 1})
+    frame = plain.compress(bytes(1 << 20), mode=plain.FLUSH_FRAME)
+    for raw_len in (1000, (1 << 20) - 1):
+        with pytest.raises(Corrupt, match=f"expected {raw_len}"):
+            decode_stream(forge([(1, raw_len, frame, zstd_check(frame))]))
+    with pytest.raises(Corrupt, match="content checksum"):
+        decode_stream(forge([(1, 1 << 20, zeros, zstd_check(zeros))]))  # no checksum flag
+    wide = zstd.ZstdCompressor(options={zstd.CompressionParameter.checksum_flag: 1,
+                                        zstd.CompressionParameter.window_log: 25})  # fmt: skip
+    frame = wide.compress(b"x" * 1000) + wide.flush()  # streamed: the header declares a 32 MiB window
+    with pytest.raises(Corrupt, match="zstd"):
+        decode_stream(forge([(1, 1000, frame, zstd_check(frame))]))
+    ok = plain.compress(b"x" * 1000, mode=plain.FLUSH_FRAME)
+    two = ok + ok
+    with pytest.raises(Corrupt, match="bytes after it"):
+        decode_stream(forge([(1, 1000, two, zstd_check(two))]))
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from test_stream_integrity import forge, zstd_check
+    from dbus_vmstate2.errors import StreamError
+    from dbus_vmstate2.stream import StreamDecoder, NEED_DATA, Compression
+    from dbus_vmstate2.stream._format import pack_header, pack_record
+    from dbus_vmstate2.stream._zstd import zstd
+
+    def rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    c = zstd.ZstdCompressor(options={{zstd.CompressionParameter.checksum_flag: 1}})
+    zeros = memoryview(bytes(1 << 20))
+    bomb = b"".join([c.compress(zeros) for _ in range({bomb_mib})] + [c.flush()])  # unknown size
+    c.set_pledged_input_size({bomb_mib} << 20)
+    sized = b"".join([c.compress(zeros) for _ in range({bomb_mib})] + [c.flush()])  # size in the header
+    cases = [forge([(1, 16 << 20, f, zstd_check(f))]) for f in (bomb, sized)]
+    never = pack_header("vm0", Compression.NONE, 0) + pack_record(1, 0, 16 << 20, 16 << 20, 0)
+    base = rss()
+    outcomes = []
+    for data in cases:
+        try:
+            dec = StreamDecoder(); dec.feed(data); dec.feed_eof()
+            while dec.next_event() is not NEED_DATA: pass
+            outcomes.append("decoded")
+        except StreamError as exc:
+            outcomes.append(type(exc).__name__)
+    for payloads in (True, False):  # a record that never ends: 64 MiB of junk after its header
+        dec = StreamDecoder(payloads=payloads); dec.feed(never)
+        try:
+            for _ in range(64):
+                dec.feed(bytes(1 << 20))
+                while dec.next_event() is not NEED_DATA: pass
+            outcomes.append("no error")
+        except StreamError as exc:
+            outcomes.append(type(exc).__name__)
+    print(len(bomb), len(sized), rss() - base, *outcomes)
+    """
+)
+
+
+def test_bombs_and_endless_records_stay_within_bounded_memory(tmp_path):
+    bomb_mib = 512
+    script = MEMORY_SCRIPT.format(root=os.getcwd(), tests=os.path.dirname(__file__), bomb_mib=bomb_mib)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    bomb_size, sized_size, growth, *outcomes = out
+    assert int(bomb_size) < 64 << 10 and int(sized_size) < 64 << 10  # 512 MiB behind ~16 KiB
+    assert outcomes == ["Corrupt", "Corrupt", "Corrupt", "Corrupt"]
+    # About two records' worth (input chunks plus the joined or decompressed payload,
+    # 2 x 16 MiB) and the zstd window, far below the 512 MiB the bombs expand to.
+    assert int(growth) < 100 << 20, f"peak RSS grew by {int(growth) >> 20} MiB"
+
+
+FUZZ_EXAMPLES = int(os.environ.get("VMSTATE2_FUZZ_EXAMPLES", "400"))
+SEEDS = [VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD, SAMPLES["zstd"]]
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    seed=st.sampled_from(SEEDS),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.sampled_from("xdi"), st.binary(min_size=1, max_size=8)),
+                   max_size=6),  # fmt: skip
+    cut=st.none() | st.integers(0, 400),
+    payloads=st.booleans(),
+    expected=st.sampled_from([None, "vm0", "other"]),
+)
+def test_fuzz_decodes_or_raises_stream_error(seed, edits, cut, payloads, expected):
+    data = bytearray(seed)
+    for pos, op, blob in edits:
+        pos %= len(data) + 1
+        if op == "x":
+            data[pos : pos + len(blob)] = bytes(a ^ b for a, b in zip(data[pos : pos + len(blob)], blob))
+        elif op == "d":
+            del data[pos : pos + len(blob)]
+        else:
+            data[pos:pos] = blob
+    if cut is not None:
+        del data[cut:]
+    dec = StreamDecoder(expected, payloads=payloads)
+    try:
+        for i in range(0, len(data), 13):
+            dec.feed(bytes(data[i : i + 13]))
+            while dec.next_event() is not NEED_DATA:
+                pass
+        dec.feed_eof()
+        while dec.next_event() is not NEED_DATA:
+            pass
+    except StreamError:
+        pass
