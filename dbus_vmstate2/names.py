@@ -10,6 +10,9 @@ OBJECT_PATH = "/org/qemu/VMState1"
 VMSTATE1 = "org.qemu.VMState1"
 """QEMU's interface, and the bus name every back-end queues on."""
 
+VMSTATE2 = "org.qemu.VMState2"
+"""Our interface, on the same object; back-ends queue on this name too."""
+
 VMSTATE1_SIZE_LIMIT = 1 << 20
 """QEMU's ``DBUS_VMSTATE_SIZE_LIMIT``: the largest blob one Save may return."""
 

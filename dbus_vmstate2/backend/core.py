@@ -3,56 +3,85 @@
 Theory of operation: a daemon builds a :class:`Backend` with its Id, a save
 callable and a load callable, and awaits :meth:`Backend.start` once, *before*
 it sandboxes itself.  That connects to the bus, exports ``/org/qemu/VMState1``
-and queues on the VMState bus names.  From then on the library opens no
-socket or file of its own: QEMU or the dbus-vmstate2 VMM helper drives it
-over that one connection.
+with org.qemu.VMState1 and org.qemu.VMState2, and queues on both bus names.
+From then on the library opens no socket or file of its own: QEMU or the
+dbus-vmstate2 VMM helper drives it over that one connection, and the state
+moves through fds that arrive on it.
 
 The daemon's callables:
 
 * ``save()`` returns the state: one bytes-like object, or an iterable of
-  bytes-like records (each at most ``stream.MAX_RECORD_SIZE``).
-* ``load(records)`` receives an iterator over the records, in order.  Every
-  record has been verified before it is handed over; stage what you get and
-  replace your live state only once the iteration has ended without an
-  exception, so that a stream that fails its final check loses nothing.
+  bytes-like records (each at most ``stream.MAX_RECORD_SIZE``).  It may be a
+  coroutine function (awaited on the loop: take a consistent snapshot there)
+  or a plain function (run in a worker thread); the iterable is consumed in
+  the transfer's worker thread, one record at a time.
+* ``load(records)`` is a plain function, run in the transfer's worker
+  thread.  It receives an iterator over the records, in order, each verified
+  before it is handed over; the iterator raises if the stream fails a check,
+  the last one when the trailer is read.  Stage what you get and replace
+  your live state only once the loop has ended without an exception: then a
+  failed transfer loses nothing.
 
-Either may be a coroutine function (awaited on the bus's event loop) or a
-plain function (run in a worker thread, so the bus keeps answering).
+Every transfer moves the state machine of :mod:`dbus_vmstate2.states`, one
+transfer at a time; a second one while the first runs fails with Busy.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from dbus_fast import BusType, NameFlag
+from dbus_fast import BusType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
-from ..errors import Busy
-from ..names import OBJECT_PATH, VMSTATE1, check_id
-from ..stream import Compression
+from ..errors import BackendFailed, Busy, InvalidState, Unsupported, VMStateError
+from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
+from ..states import Event, State, next_state
+from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression
 from .boundary import call_daemon, log
+from .channel import Channel
+from .fdguard import FdGuard
 from .inline import decode_inline, encode_inline
 from .records import SaveResult, iter_records
+from .transfers import LoadOutcome, Progress, SaveOptions, load_stream, save_stream
 from .vmstate1 import VMState1Interface
+from .vmstate2 import VMState2Interface
 
 SaveCallable: TypeAlias = Callable[[], SaveResult | Awaitable[SaveResult]]
 LoadCallable: TypeAlias = Callable[[Iterator[bytes]], Any]
 
 
+@dataclass
+class Transfer:
+    """One Save or Load, from its start to its outcome."""
+
+    number: int
+    operation: str
+    channel: Channel | None = None
+    progress: Progress = field(default_factory=Progress)
+    error: VMStateError | None = None
+    finished: bool = False
+
+
 class Backend:
-    """A back-end on the bus, serving VMState1 for its daemon.
+    """A back-end on the bus, serving VMState1 and VMState2 for its daemon.
 
     Args:
         backend_id: the back-end's Id, 1 to 255 bytes, unique on the bus and
             stable across the migration (QEMU matches source and destination
             back-ends by it).
         save: the daemon's save callable (see the module docstring).
-        load: the daemon's load callable.
+        load: the daemon's load callable, a plain function.
         address: a D-Bus address such as ``unix:path=/run/vm1/bus``; the
             session bus when None.
-        compression: how the state is compressed on the wire.
+        compression: how VMState1's inline blob is compressed.
+
+    Raises:
+        TypeError: ``load`` is a coroutine function.
     """
 
     def __init__(
@@ -64,13 +93,18 @@ class Backend:
         address: str | None = None,
         compression: Compression = Compression.ZSTD,
     ) -> None:
+        if inspect.iscoroutinefunction(load):
+            raise TypeError("load must be a plain function: it runs in the transfer's thread and pulls records as they arrive")
         self.id = check_id(backend_id)
         self._save = save
         self._load = load
         self._address = address
         self._compression = compression
         self._bus: MessageBus | None = None
-        self._transfer: str | None = None
+        self._vmstate2 = VMState2Interface(self)
+        self.state = State.RUNNING
+        self._transfer: Transfer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def unique_name(self) -> str:
@@ -93,16 +127,21 @@ class Backend:
             bus = MessageBus(bus_address=self._address, negotiate_unix_fd=True)
         await bus.connect()
         try:
+            bus.add_message_handler(FdGuard(OBJECT_PATH, VMSTATE2, [("Save", "ha{sv}"), ("Load", "ha{sv}")]))
             bus.export(OBJECT_PATH, VMState1Interface(self))
-            reply = await bus.request_name(VMSTATE1, NameFlag.NONE)
+            bus.export(OBJECT_PATH, self._vmstate2)
+            replies = [await bus.request_name(name, NameFlag.NONE) for name in (VMSTATE1, VMSTATE2)]
         except BaseException:
             bus.disconnect()
             raise
         self._bus = bus
-        log.info("back-end %r is %s on %s (%s)", self.id, bus.unique_name, VMSTATE1, reply.name)
+        log.info("back-end %r is %s (%s)", self.id, bus.unique_name, ", ".join(r.name for r in replies))
 
     async def stop(self) -> None:
-        """Leave the bus; safe to call more than once."""
+        """Cancel a running transfer and leave the bus; safe to call more than once."""
+        self.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._bus is not None and self._bus.connected:
             self._bus.disconnect()
             await self._bus.wait_for_disconnect()
@@ -123,31 +162,173 @@ class Backend:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    # -- the work behind the interfaces -------------------------------------
+    # -- the state machine and the transfer record --------------------------
 
-    def _begin(self, what: str) -> None:
-        if self._transfer is not None:
-            raise Busy(f"back-end {self.id!r} is busy with {self._transfer}; try again when it ends")
-        self._transfer = what
+    def _fire(self, event: Event) -> None:
+        new = next_state(self.state, event)
+        if new is not self.state:
+            log.info("back-end %r: %s -> %s (%s)", self.id, self.state, new, event)
+            self.state = new
+            self._vmstate2.state_changed(new.value)
+
+    def _open(self, operation: str, event: Event, channel: Channel | None = None) -> Transfer:
+        if self._transfer is not None and not self._transfer.finished:
+            raise Busy(f"back-end {self.id!r} is busy with {self._transfer.operation} #{self._transfer.number}")
+        self._fire(event)
+        number = self._transfer.number + 1 if self._transfer else 1
+        self._transfer = Transfer(number, operation, channel)
+        return self._transfer
+
+    def _finish(self, transfer: Transfer, event: Event, error: VMStateError | None) -> None:
+        if transfer.channel is not None:
+            transfer.channel.close()
+        transfer.error = error
+        transfer.finished = True
+        self._fire(event)
+        progress = transfer.progress
+        if error is None:
+            log.info("back-end %r: %s #%d done, %d records, %d bytes", self.id, transfer.operation, transfer.number,
+                     progress.records, progress.raw_bytes)
+        else:
+            log.warning("back-end %r: %s #%d failed: %s", self.id, transfer.operation, transfer.number, error)
+        self._vmstate2.TransferFinished(
+            transfer.number, transfer.operation, error.dbus_name.value if error else "", str(error) if error else "",
+            progress.records, progress.raw_bytes, progress.stream_bytes,
+        )
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- VMState2 -------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Variant]:
+        return {
+            "stream-versions": Variant("au", [FORMAT_VERSION]),
+            "compression": Variant("as", [c.name.lower() for c in Compression]),
+            "max-record-size": Variant("t", MAX_RECORD_SIZE),
+            "inline-size-limit": Variant("t", VMSTATE1_SIZE_LIMIT),
+            "pre-copy": Variant("b", False),
+        }
+
+    async def start_save(self, fd: int, options: dict[str, Variant]) -> int:
+        """Save: start streaming the state into ``fd``, which we now own."""
+        try:
+            save_options = SaveOptions.from_dbus(options)
+        except BaseException:
+            os.close(fd)
+            raise
+        transfer = self._open_with_channel("save", Event.SAVE, fd)
+        self._spawn(self._run_save(transfer, save_options))
+        return transfer.number
+
+    async def start_load(self, fd: int, options: dict[str, Variant]) -> int:
+        """Load: start reading a stream from ``fd``, which we now own."""
+        if options:
+            os.close(fd)
+            raise Unsupported(f"Load takes no options yet, got: {', '.join(sorted(options))}")
+        transfer = self._open_with_channel("load", Event.LOAD, fd)
+        self._spawn(self._run_load(transfer))
+        return transfer.number
+
+    def _open_with_channel(self, operation: str, event: Event, fd: int) -> Transfer:
+        channel = Channel(fd)  # owns fd from here, closes it on its own failure
+        try:
+            return self._open(operation, event, channel)
+        except BaseException:
+            channel.close()
+            raise
+
+    async def _run_save(self, transfer: Transfer, options: SaveOptions) -> None:
+        assert transfer.channel is not None
+        try:
+            state = await call_daemon("save", self._save)
+            await asyncio.to_thread(save_stream, transfer.channel, self.id, state, options, transfer.progress)
+        except VMStateError as exc:
+            self._finish(transfer, Event.FAILED, exc)
+        except BaseException as exc:
+            log.exception("save #%d failed", transfer.number)
+            self._finish(transfer, Event.FAILED, BackendFailed(f"save failed with an internal error ({type(exc).__name__}); see the back-end's log"))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._finish(transfer, Event.SUCCEEDED, None)
+
+    async def _run_load(self, transfer: Transfer) -> None:
+        assert transfer.channel is not None
+        try:
+            await asyncio.to_thread(load_stream, transfer.channel, self.id, self._load, transfer.progress)
+        except LoadOutcome as exc:
+            cause = exc.__cause__
+            self._finish(transfer, Event.LOAD_BROKE, cause if isinstance(cause, VMStateError) else BackendFailed(str(cause)))
+        except VMStateError as exc:
+            self._finish(transfer, Event.FAILED, exc)
+        except BaseException as exc:
+            log.exception("load #%d failed", transfer.number)
+            self._finish(transfer, Event.LOAD_BROKE, BackendFailed(f"load failed with an internal error ({type(exc).__name__}); see the back-end's log"))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._finish(transfer, Event.SUCCEEDED, None)
+
+    def check(self) -> tuple[int, bool, int, int, int]:
+        """Check: the latest transfer's number, whether it finished, and its counters.
+
+        Raises:
+            InvalidState: no transfer yet.
+            VMStateError: the latest transfer failed (a fresh copy of its error).
+        """
+        transfer = self._transfer
+        if transfer is None:
+            raise InvalidState(f"no transfer has been started on back-end {self.id!r}")
+        if transfer.error is not None:
+            raise type(transfer.error)(str(transfer.error))
+        progress = transfer.progress
+        return transfer.number, transfer.finished, progress.records, progress.raw_bytes, progress.stream_bytes
+
+    def cancel(self) -> None:
+        """Cancel: stop the running transfer, if any; the state stays as it was."""
+        transfer = self._transfer
+        if transfer is not None and not transfer.finished and transfer.channel is not None:
+            log.info("back-end %r: cancelling %s #%d", self.id, transfer.operation, transfer.number)
+            transfer.channel.cancel()
+
+    def reset(self) -> None:
+        """Reset: back to ``running`` (from ``error``, or a no-op in ``running``)."""
+        self._fire(Event.RESET)
+
+    # -- VMState1 -------------------------------------------------------------
 
     async def save_inline(self) -> bytes:
         """VMState1 Save: the whole state as one verified stream of <= 1 MiB."""
-        self._begin("a VMState1 Save")
+        transfer = self._open("save", Event.SAVE)
         try:
             state = await call_daemon("save", self._save)
-            return await call_daemon("save", self._encode_inline, state)
-        finally:
-            self._transfer = None
+            blob = await call_daemon("save", self._encode_inline, state)
+        except VMStateError as exc:
+            self._finish(transfer, Event.FAILED, exc)
+            raise
+        transfer.progress.stream_bytes = len(blob)
+        self._finish(transfer, Event.SUCCEEDED, None)
+        return blob
 
     async def load_inline(self, blob: bytes) -> None:
         """VMState1 Load: verify the whole blob, then hand its records to load."""
-        self._begin("a VMState1 Load")
+        transfer = self._open("load", Event.LOAD)
         try:
             records = await asyncio.to_thread(decode_inline, self.id, blob)
+        except VMStateError as exc:
+            self._finish(transfer, Event.FAILED, exc)
+            raise
+        try:
             await call_daemon("load", self._load, iter(records))
-            log.info("back-end %r loaded %d records (%d bytes inline)", self.id, len(records), len(blob))
-        finally:
-            self._transfer = None
+        except VMStateError as exc:
+            self._finish(transfer, Event.LOAD_BROKE, exc)
+            raise
+        progress = transfer.progress
+        progress.records, progress.raw_bytes, progress.stream_bytes = len(records), sum(map(len, records)), len(blob)
+        self._finish(transfer, Event.SUCCEEDED, None)
 
     def _encode_inline(self, state: SaveResult) -> bytes:
         return encode_inline(self.id, iter_records(state), self._compression)

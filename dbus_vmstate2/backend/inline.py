@@ -15,10 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from ..errors import LimitExceeded
+from ..errors import LimitExceeded, StreamLimitExceeded
 from ..names import VMSTATE1_SIZE_LIMIT
-from ..stream import Compression, StreamEncoder, decode_stream
+from ..stream import NEED_DATA, Compression, Record, StreamDecoder, StreamEncoder
 from .records import BytesLike
+
+INLINE_RAW_LIMIT = 64 << 20
+"""The most state one inline blob may carry once decompressed.  A 1 MiB blob
+of zstd records could otherwise expand to many GiB held at once, since an
+inline Load verifies the whole blob before handing anything over."""
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +50,25 @@ def encode_inline(
             )
 
     append(encoder.start())
+    raw = 0
     for record in records:
+        raw += len(memoryview(record).cast("B"))
+        if raw > INLINE_RAW_LIMIT:
+            raise LimitExceeded(
+                f"the state of back-end {backend_id!r} is over {INLINE_RAW_LIMIT} bytes, the most one "
+                "VMState1 blob may carry: migrate it through org.qemu.VMState2 (dbus-vmstate2 save/load) instead"
+            )
         append(encoder.record(record))
     append(encoder.finish())
     return bytes(blob)
 
 
-def decode_inline(backend_id: str, blob: bytes) -> list[bytes]:
-    """Verify ``blob`` completely and return its records.
+def decode_inline(backend_id: str, blob: bytes) -> list[memoryview]:
+    """Verify ``blob`` completely and return its record payloads.
 
     Raises:
-        LimitExceeded: the blob is over 1 MiB (QEMU would never send it).
+        LimitExceeded: the blob is over 1 MiB (QEMU would never send it), or
+            it decompresses to more than ``INLINE_RAW_LIMIT``.
         StreamError: a subclass naming what is wrong (bad magic, wrong Id,
             truncated, corrupt, ...); nothing has been handed to the daemon.
     """
@@ -63,4 +76,16 @@ def decode_inline(backend_id: str, blob: bytes) -> list[bytes]:
         raise LimitExceeded(
             f"a VMState1 blob is at most {VMSTATE1_SIZE_LIMIT} bytes, got {len(blob)}"
         )
-    return decode_stream(blob, expected_id=backend_id)
+    decoder = StreamDecoder(backend_id)
+    decoder.feed(blob)
+    decoder.feed_eof()
+    payloads: list[memoryview] = []
+    raw = 0
+    while (event := decoder.next_event()) is not NEED_DATA:
+        if isinstance(event, Record):
+            raw += event.raw_size
+            if raw > INLINE_RAW_LIMIT:
+                raise StreamLimitExceeded(f"the blob carries over {INLINE_RAW_LIMIT} bytes of state, the inline limit")
+            assert event.payload is not None  # payloads=True
+            payloads.append(event.payload)
+    return payloads

@@ -1,0 +1,118 @@
+"""A caller's file descriptor, read or written in a worker thread and
+interruptible by :meth:`Channel.cancel` from any thread.
+
+The fd is put in non-blocking mode and waited on with ``poll`` together with
+a wake-up pipe, so a cancel takes effect at once even when the peer has
+stopped reading or writing.  (O_NONBLOCK belongs to the open file description
+that the VMM shares: the VMM closes its copy of our end once our reply has
+arrived, so this does not reach it in practice.)  Pipes, sockets and regular
+files all work; for a regular file poll always reports ready.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+
+from ..errors import Cancelled, VMStateError
+
+PIPE_SIZE = 1 << 20
+"""We ask for pipe buffers this large (Linux caps unprivileged processes at
+/proc/sys/fs/pipe-max-size, 1 MiB by default): fewer wake-ups per MiB."""
+
+READ_SIZE = 1 << 20
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Grow ``fd``'s pipe buffer to :data:`PIPE_SIZE` where allowed; else leave it."""
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # not a pipe, or over the allowed size
+        pass
+
+
+class Channel:
+    """Owns ``fd`` from construction on and closes it in :meth:`close`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._cancelled = False
+        try:
+            os.set_blocking(fd, False)
+        except OSError:
+            self.close()
+            raise
+        enlarge_pipe(fd)
+
+    def cancel(self) -> None:
+        """Make the current and every later read or write raise Cancelled.
+
+        Call it from the thread that calls :meth:`close` (the event loop's),
+        so that it never writes to an fd number that has been reused.
+        """
+        self._cancelled = True
+        if self._wake_w < 0:
+            return
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # already closed, or the wake pipe is full: either way woken
+            pass
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``.
+
+        Raises:
+            Cancelled: :meth:`cancel` was called.
+            VMStateError: the reader went away or the write failed.
+        """
+        view = memoryview(data).cast("B")
+        while view:
+            self._check()
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+                continue
+            except BrokenPipeError:
+                raise VMStateError("the reader of the stream closed its end before the stream ended") from None
+            except OSError as exc:
+                raise VMStateError(f"writing the stream failed: {exc.strerror}") from None
+            view = view[written:]
+
+    def read(self, size: int = READ_SIZE) -> bytes:
+        """Read up to ``size`` bytes; ``b""`` at end of file.
+
+        Raises:
+            Cancelled: :meth:`cancel` was called.
+            VMStateError: the read failed.
+        """
+        while True:
+            self._check()
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+            except OSError as exc:
+                raise VMStateError(f"reading the stream failed: {exc.strerror}") from None
+
+    def close(self) -> None:
+        """Close the caller's fd and our wake-up pipe; safe to call more than once."""
+        for name in ("fd", "_wake_r", "_wake_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def _check(self) -> None:
+        if self._cancelled:
+            raise Cancelled("the transfer was cancelled; the back-end keeps its state")
+
+    def _wait(self, events: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, events)
+        poller.register(self._wake_r, select.POLLIN)
+        poller.poll()  # POLLERR/POLLHUP also wake us: the next read or write reports them
+        self._check()

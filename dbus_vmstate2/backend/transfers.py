@@ -1,0 +1,187 @@
+"""The body of a VMState2 transfer, run in a worker thread.
+
+Save pulls records from the daemon's save result, encodes them and writes
+the stream into the channel; load reads and decodes the stream and hands the
+records to the daemon's load callable as it pulls them.  Memory stays at a
+few records whatever the size of the state: nothing is read ahead of what
+the daemon consumes and nothing is encoded ahead of what the pipe takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BackendFailed, StreamError, Unsupported, VMStateError
+from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
+from .channel import Channel
+from .records import SaveResult, iter_records
+
+log = logging.getLogger("dbus_vmstate2.backend")
+
+
+@dataclass
+class Progress:
+    """Counters of one transfer, written by its worker thread, read by the loop."""
+
+    records: int = 0
+    raw_bytes: int = 0
+    stream_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SaveOptions:
+    """The options of a VMState2 Save (see interfaces/org.qemu.VMState2.xml)."""
+
+    compression: Compression = Compression.ZSTD
+    level: int = 1
+    workers: int = 0
+
+    @classmethod
+    def from_dbus(cls, options: dict[str, Any]) -> SaveOptions:
+        """Build from Save's ``a{sv}``.
+
+        Raises:
+            Unsupported: an unknown option, compression method or bad value.
+        """
+        unknown = set(options) - {"compression", "level", "workers"}
+        if unknown:
+            raise Unsupported(f"unknown Save options: {', '.join(sorted(unknown))} (known: compression, level, workers)")
+        values = {name: variant.value for name, variant in options.items()}
+        if "compression" in values:
+            name = values["compression"]
+            try:
+                values["compression"] = Compression[name.upper()] if isinstance(name, str) else None
+            except KeyError:
+                values["compression"] = None
+            if values["compression"] is None:
+                known = ", ".join(c.name.lower() for c in Compression)
+                raise Unsupported(f"unknown compression {name!r} (known: {known})")
+        for name in ("level", "workers"):
+            if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)):
+                raise Unsupported(f"the Save option {name} must be an integer")
+        options = cls(**values)
+        try:  # the encoder checks the ranges; ask it now, before anything starts
+            StreamEncoder("check", options.compression, options.level, options.workers)
+        except ValueError as exc:
+            raise Unsupported(f"bad Save options: {exc}") from None
+        return options
+
+
+def save_stream(channel: Channel, backend_id: str, state: SaveResult, options: SaveOptions, progress: Progress) -> None:
+    """Encode ``state`` and write the whole stream into ``channel``.
+
+    Raises:
+        Cancelled, VMStateError: the channel was cancelled or broke.
+        LimitExceeded, BackendFailed: the daemon's records are not usable.
+    """
+    encoder = StreamEncoder(backend_id, compression=options.compression, level=options.level, workers=options.workers)
+    _write(channel, encoder.start(), progress)
+    records = iter_records(state)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            break
+        except VMStateError:
+            raise
+        except Exception as exc:
+            log.exception("the back-end's save records raised")
+            raise BackendFailed(f"the back-end's save raised {type(exc).__name__}; see the back-end's log") from exc
+        _write(channel, encoder.record(record), progress)
+        progress.records += 1
+        progress.raw_bytes += len(memoryview(record).cast("B"))
+    _write(channel, encoder.finish(), progress)
+
+
+def _write(channel: Channel, chunks: list, progress: Progress) -> None:
+    for chunk in chunks:
+        channel.write(chunk)
+        progress.stream_bytes += len(memoryview(chunk).cast("B"))
+
+
+class LoadOutcome(Exception):
+    """The daemon's load callable failed for a reason of its own (not the stream's)."""
+
+
+def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[bytes]], Any], progress: Progress) -> None:
+    """Read and verify a stream from ``channel``, handing its records to ``load``.
+
+    Raises:
+        StreamError, Cancelled, VMStateError: the stream or the channel
+            failed; the daemon saw only verified records and, as the load
+            contract asks, committed nothing.
+        LoadOutcome: the daemon's load failed for its own reasons, or
+            returned before the stream had verified; its state is not known
+            to be good.  ``__cause__`` holds the reason.
+    """
+    reader = _RecordReader(channel, backend_id, progress)
+    try:
+        load(reader.records())
+    except VMStateError as exc:
+        if exc is reader.error:
+            raise  # the stream's own failure, passed through the daemon's loop
+        raise LoadOutcome() from exc
+    except Exception as exc:
+        if reader.error is not None:
+            raise reader.error from exc  # the daemon wrapped our error in its own
+        log.exception("the back-end's load raised")
+        raise LoadOutcome() from BackendFailed(
+            f"the back-end's load raised {type(exc).__name__}; see the back-end's log"
+        )
+    if not reader.verified:
+        # The daemon returned before the end: whatever it kept is unverified.
+        try:
+            for _ in reader.records():
+                pass
+        except VMStateError as exc:
+            raise LoadOutcome() from exc
+        raise LoadOutcome() from BackendFailed(
+            "the back-end's load returned before reading every record; its state may be incomplete"
+        )
+
+
+class _RecordReader:
+    """Feeds the channel to a StreamDecoder and yields verified payloads."""
+
+    def __init__(self, channel: Channel, backend_id: str, progress: Progress) -> None:
+        self._channel = channel
+        self._decoder = StreamDecoder(expected_id=backend_id)
+        self._progress = progress
+        self.error: VMStateError | None = None
+        self.verified = False
+
+    def records(self) -> Iterator[bytes]:
+        try:
+            yield from self._records()
+        except VMStateError as exc:
+            self.error = exc
+            raise
+
+    def _records(self) -> Iterator[bytes]:
+        while not self.verified:
+            event = self._decoder.next_event()
+            if event is NEED_DATA:
+                data = self._channel.read()
+                self._progress.stream_bytes += len(data)
+                if data:
+                    self._decoder.feed(data)
+                else:
+                    self._decoder.feed_eof()
+            elif isinstance(event, Record):
+                if event.type is not RecordType.DATA:
+                    raise Unsupported(f"a one-shot Load takes only data records, got {event.type.name}")
+                self._progress.records += 1
+                self._progress.raw_bytes += event.raw_size
+                yield event.payload
+            elif isinstance(event, StreamEnd):
+                self._expect_eof()
+                self.verified = True
+
+    def _expect_eof(self) -> None:
+        # Checked before the daemon's loop ends, that is before it commits.
+        extra = self._channel.read()
+        if extra:
+            raise StreamError(f"the stream has data after its trailer ({len(extra)} bytes or more)")

@@ -1,0 +1,255 @@
+"""VMState2 on a real bus: fd-passed Save/Load, Check, Cancel, the fd guard."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+
+from dbus_vmstate2.errors import BackendFailed, Busy, Cancelled, ErrorName, IdMismatch, InvalidState, StreamError, Unsupported
+from dbus_vmstate2.examples.memstate import deterministic_state
+from dbus_vmstate2.names import OBJECT_PATH, VMSTATE2
+from dbus_vmstate2.stream import decode_stream
+from dbus_vmstate2.vmm import list_backends
+from dbus_vmstate2.vmm.calls import PROPERTIES, call
+
+from .conftest import count_fds
+from .introspection import members_from_busctl, members_from_xml
+
+
+async def start(client, backend, member, fd, options=None):
+    """Call Save or Load with ``fd`` and close our copy, as the VMM does."""
+    try:
+        [number] = await call(client, backend.unique_name, VMSTATE2, member, "ha{sv}", [0, options or {}], unix_fds=[fd])
+    finally:
+        os.close(fd)
+    return number
+
+
+async def check(client, backend):
+    return await call(client, backend.unique_name, VMSTATE2, "Check")
+
+
+async def wait_finished(client, backend, number):
+    for _ in range(600):
+        latest, finished, *counters = await check(client, backend)
+        assert latest == number
+        if finished:
+            return counters
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"transfer {number} did not finish")
+
+
+def stream_state(data: bytes, backend_id: str) -> bytes:
+    """The state a whole stream carries, after verifying it."""
+    return b"".join(r.payload for r in decode_stream(data, expected_id=backend_id).records)
+
+
+def lone_end(write: bool) -> int:
+    """One end of a new pipe, the other end closed."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.close(r if write else w)
+    return w if write else r
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while data := os.read(fd, 1 << 20):
+        chunks.append(data)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+async def save_bytes(client, backend, options=None) -> bytes:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    number = await start(client, backend, "Save", w, options)
+    data = await asyncio.to_thread(read_all, r)
+    await wait_finished(client, backend, number)
+    return data
+
+
+async def get_state(client, backend) -> str:
+    [value] = await call(client, backend.unique_name, PROPERTIES, "Get", "ss", [VMSTATE2, "State"])
+    return value.value
+
+
+async def test_busctl_introspection_and_state_property(bus_address, memstate):
+    backend = memstate("intro", "--size", "1K")
+    live = await asyncio.to_thread(members_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
+    assert live == members_from_xml(VMSTATE2)
+    out = subprocess.run(
+        ["busctl", f"--address={bus_address}", "get-property", backend.unique_name, OBJECT_PATH, VMSTATE2, "State"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout
+    assert out.strip() == 's "running"'
+
+
+async def test_both_names_are_queued(client, memstate):
+    started = [memstate(f"b{i}", "--size", "1K") for i in range(2)]
+    [owners] = await call(client, "org.freedesktop.DBus", "org.freedesktop.DBus", "ListQueuedOwners", "s", [VMSTATE2], path="/org/freedesktop/DBus")
+    assert owners == [b.unique_name for b in started]
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+async def test_save_streams_a_verified_stream_through_a_pipe(client, memstate, compression):
+    memstate("pipe", "--size", "3M", "--seed", "5")
+    [backend] = await list_backends(client)
+    data = await save_bytes(client, backend, {"compression": Variant("s", compression)})
+    assert stream_state(data, "pipe") == deterministic_state(3 << 20, 5)
+    assert await get_state(client, backend) == "running"
+
+
+async def test_save_and_load_through_a_regular_file(client, memstate, tmp_path):
+    source = memstate("file", "--size", "2M", "--seed", "2")
+    [backend] = await list_backends(client)
+    path = tmp_path / "state"
+    number = await start(client, backend, "Save", os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    records, raw_bytes, stream_bytes = await wait_finished(client, backend, number)
+    assert (records, raw_bytes, stream_bytes) == (2, 2 << 20, path.stat().st_size)
+    source.stop()
+    loaded = tmp_path / "loaded"
+    memstate("file", "--save-loaded", str(loaded))
+    [backend] = await list_backends(client)
+    number = await start(client, backend, "Load", os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    await wait_finished(client, backend, number)
+    assert loaded.read_bytes() == deterministic_state(2 << 20, 2)
+
+
+async def test_load_of_a_stream_for_another_id_keeps_the_state(client, memstate, tmp_path):
+    memstate("a", "--size", "64K", "--seed", "1")
+    memstate("b", "--size", "64K", "--seed", "2", "--save-loaded", str(tmp_path / "b.loaded"))
+    a, b = await list_backends(client)
+    stream = await save_bytes(client, a)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    number = await start(client, b, "Load", r)
+    await asyncio.to_thread(lambda: (os.write(w, stream), os.close(w)))
+    with pytest.raises(IdMismatch) as raised:
+        await wait_finished(client, b, number)
+    assert "'a'" in str(raised.value) and "'b'" in str(raised.value)
+    assert await get_state(client, b) == "running"
+    assert not (tmp_path / "b.loaded").exists()
+    assert stream_state(await save_bytes(client, b), "b") == deterministic_state(64 << 10, 2)
+
+
+async def test_cancel_in_mid_save_keeps_serving(client, memstate):
+    memstate("slow", "--size", "16M", "--seed", "9")
+    [backend] = await list_backends(client)
+    signals: list[Message] = []
+
+    def on_message(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member in ("TransferFinished", "PropertiesChanged"):
+            signals.append(msg)
+
+    client.add_message_handler(on_message)
+    await call(client, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [f"type='signal',sender='{backend.unique_name}'"], path="/org/freedesktop/DBus")
+    r, w = os.pipe2(os.O_CLOEXEC)
+    number = await start(client, backend, "Save", w, {"compression": Variant("s", "none")})
+    # Nobody reads: the back-end blocks on a full pipe, and stays responsive.
+    await asyncio.sleep(0.2)
+    assert await get_state(client, backend) == "stop-copy"
+    other_r, other_w = os.pipe2(os.O_CLOEXEC)
+    with pytest.raises(Busy):
+        await start(client, backend, "Save", other_w)
+    os.close(other_r)
+    latest, finished, *_ = await check(client, backend)
+    assert (latest, finished) == (number, False)
+    with pytest.raises(InvalidState):
+        await call(client, backend.unique_name, VMSTATE2, "Reset")
+    await call(client, backend.unique_name, VMSTATE2, "Cancel")
+    with pytest.raises(Cancelled):
+        await wait_finished(client, backend, number)
+    os.close(r)
+    await call(client, backend.unique_name, VMSTATE2, "Cancel")  # idempotent
+    assert await get_state(client, backend) == "running"
+    finished = [m for m in signals if m.member == "TransferFinished"]
+    assert [m.body[:3] for m in finished] == [[number, "save", ErrorName.CANCELLED]]
+    states = [m.body[1]["State"].value for m in signals if m.member == "PropertiesChanged"]
+    assert states == ["stop-copy", "running"]
+    data = await save_bytes(client, backend)
+    assert stream_state(data, "slow") == deterministic_state(16 << 20, 9)
+
+
+async def test_a_call_without_its_fd_is_refused(client, memstate):
+    memstate("guarded", "--size", "1K")
+    [backend] = await list_backends(client)
+    for member in ("Save", "Load"):
+        reply = await client.call(Message(
+            destination=backend.unique_name, path=OBJECT_PATH, interface=VMSTATE2, member=member,
+            signature="ha{sv}", body=[0, {}],
+        ))
+        assert reply.message_type is MessageType.ERROR
+        assert reply.error_name == "org.freedesktop.DBus.Error.InvalidArgs"
+        assert "file descriptor" in reply.body[0]
+    assert await get_state(client, backend) == "running"
+    with pytest.raises(InvalidState):
+        await check(client, backend)  # nothing was started
+
+
+async def test_no_fd_leaks_over_good_and_bad_calls(client, memstate):
+    process = memstate("leaky", "--size", "256K", "--seed", "4")
+    [backend] = await list_backends(client)
+    await save_bytes(client, backend)  # warm up: threads, pipes, zstd
+    before = count_fds(process.process.pid)
+    for _ in range(10):
+        await save_bytes(client, backend)
+        with pytest.raises(Unsupported):
+            await start(client, backend, "Save", lone_end(write=True), {"bogus": Variant("b", True)})
+        with pytest.raises(Unsupported):
+            await start(client, backend, "Load", lone_end(write=False), {"x": Variant("b", True)})
+        with pytest.raises(Unsupported):
+            await start(client, backend, "Save", lone_end(write=True), {"compression": Variant("s", "lz4")})
+        for member, signature in (("NoSuchMethod", "h"), ("Save", "h"), ("Check", "h")):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            reply = await client.call(Message(
+                destination=backend.unique_name, path=OBJECT_PATH, interface=VMSTATE2, member=member,
+                signature=signature, body=[0], unix_fds=[r],
+            ))
+            os.close(r)
+            os.close(w)
+            assert reply.message_type is MessageType.ERROR
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(client, backend, "Load", r)
+        await asyncio.to_thread(lambda: (os.write(w, b"not a stream"), os.close(w)))
+        with pytest.raises(StreamError):
+            await wait_finished(client, backend, number)
+    await asyncio.sleep(0.1)
+    assert count_fds(process.process.pid) == before
+    assert process.process.poll() is None
+
+
+async def test_failing_load_callable_moves_to_error_until_reset(bus_address, client):
+    from dbus_vmstate2.backend import Backend
+
+    def broken_load(records):
+        for _ in records:
+            pass
+        raise RuntimeError("disk full")
+
+    async with Backend("fragile", lambda: b"x" * 1000, broken_load, address=bus_address):
+        [backend] = await list_backends(client)
+        stream = await save_bytes(client, backend)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(client, backend, "Load", r)
+        await asyncio.to_thread(lambda: (os.write(w, stream), os.close(w)))
+        with pytest.raises(BackendFailed) as raised:
+            await wait_finished(client, backend, number)
+        assert "RuntimeError" in str(raised.value) and "disk full" not in str(raised.value)
+        assert await get_state(client, backend) == "error"
+        with pytest.raises(InvalidState):
+            await start(client, backend, "Save", lone_end(write=True))
+        await call(client, backend.unique_name, VMSTATE2, "Reset")
+        assert await get_state(client, backend) == "running"
+
+
+async def test_capabilities(client, memstate):
+    memstate("caps", "--size", "1K")
+    [backend] = await list_backends(client)
+    [caps] = await call(client, backend.unique_name, PROPERTIES, "Get", "ss", [VMSTATE2, "Capabilities"])
+    caps = {k: v.value for k, v in caps.value.items()}
+    assert caps["stream-versions"] == [1]
+    assert set(caps["compression"]) == {"none", "zstd"}
+    assert caps["inline-size-limit"] == 1 << 20
+    assert caps["pre-copy"] is False
