@@ -283,7 +283,7 @@ def test_bombs_and_endless_records_stay_within_bounded_memory(tmp_path):
     assert int(growth) < 100 << 20, f"peak RSS grew by {int(growth) >> 20} MiB"
 
 
-FUZZ_EXAMPLES = int(os.environ.get("VMSTATE2_FUZZ_EXAMPLES", "400"))
+FUZZ_EXAMPLES = int(os.environ.get("VMSTATE2_FUZZ_EXAMPLES", "1500"))
 SEEDS = [VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD, SAMPLES["zstd"]]
 
 
