@@ -283,7 +283,7 @@ def test_bombs_and_endless_records_stay_within_bounded_memory(tmp_path):
     assert int(growth) < 100 << 20, f"peak RSS grew by {int(growth) >> 20} MiB"
 
 
-FUZZ_EXAMPLES = int(os.environ.get("VMSTATE2_FUZZ_EXAMPLES", "400"))
+FUZZ_EXAMPLES = int(os.environ.get("VMSTATE2_FUZZ_EXAMPLES", "1500"))
 SEEDS = [VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD, SAMPLES["zstd"]]
 
 
@@ -319,3 +319,12 @@ def test_fuzz_decodes_or_raises_stream_error(seed, edits, cut, payloads, expecte
             pass
     except StreamError:
         pass
+
+
+def test_the_spec_shows_the_same_vectors():
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "stream-format.md")) as f:
+        flat = "".join(f.read().split())
+    for label in ("header", "record0", "record1", "record2", "payload", "trailer", "digest"):
+        flat = flat.replace(label, "")
+    for vector in (VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD):
+        assert vector.hex() in flat

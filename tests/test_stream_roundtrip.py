@@ -223,3 +223,16 @@ def test_round_trip_any_records_any_segmentation(recs, eoi, compression, level, 
     check_events(events, recs, backend_id, payloads)
     assert events[0].compression is compression
     assert events[0].level == (level if compression is Compression.ZSTD else 0)
+
+
+def test_stream_package_does_no_io():
+    import ast
+    import pathlib
+
+    import dbus_vmstate2.stream as pkg
+
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not names & {"os", "socket", "asyncio", "io", "subprocess", "threading"}, path.name
