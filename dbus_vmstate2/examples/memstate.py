@@ -39,9 +39,28 @@ def parse_size(text: str) -> int:
     return value
 
 
+_BLOCK = 1 << 20
+_POOL = 64 << 20
+
+
 def deterministic_state(size: int, seed: int) -> bytearray:
-    """``size`` pseudo-random bytes that depend only on ``seed``."""
-    return bytearray(random.Random(seed).randbytes(size))
+    """``size`` pseudo-random bytes that depend only on ``seed``.
+
+    Blocks of 1 MiB are copied from a random pool of at most 64 MiB at
+    offsets that vary per block, so gigabytes are made at memory speed and
+    stay incompressible to zstd (a repeat is farther back than its window).
+    """
+    rng = random.Random(seed)
+    pool = bytearray()
+    for _ in range(0, min(size, _POOL) + _BLOCK, _BLOCK):
+        pool += rng.randbytes(_BLOCK)
+    state = bytearray(size)
+    span = len(pool) - _BLOCK
+    pool_view = memoryview(pool)
+    for number, offset in enumerate(range(0, size, _BLOCK)):
+        start = (number * 2654435761) % span if span else 0  # Knuth's multiplicative hash
+        state[offset : offset + _BLOCK] = pool_view[start : start + min(_BLOCK, size - offset)]
+    return state
 
 
 class MemState:

@@ -17,7 +17,7 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from ..errors import DiscoveryError, VMStateError
-from ..names import OBJECT_PATH, VMSTATE1
+from ..names import OBJECT_PATH, VMSTATE1, VMSTATE2
 from .calls import BUS_NAME, PROPERTIES, call
 
 log = logging.getLogger(__name__)
@@ -78,3 +78,24 @@ async def list_backends(bus: MessageBus, id_list: Sequence[str] | None = None) -
         if missing:
             raise DiscoveryError(f"required back-ends are not on the bus: {', '.join(missing)}")
     return list(found.values())
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    """What ``list`` shows of one back-end."""
+
+    id: str
+    unique_name: str
+    state: str
+    """The VMState2 ``State``, or ``vmstate1-only`` for a back-end without VMState2."""
+    capabilities: dict[str, object]
+
+
+async def describe(bus: MessageBus, backend: BackendInfo) -> BackendStatus:
+    """Read a back-end's VMState2 State and Capabilities."""
+    try:
+        [props] = await call(bus, backend.unique_name, PROPERTIES, "GetAll", "s", [VMSTATE2], path=OBJECT_PATH)
+    except VMStateError:
+        return BackendStatus(backend.id, backend.unique_name, "vmstate1-only", {})
+    caps = {name: variant.value for name, variant in props["Capabilities"].value.items()}
+    return BackendStatus(backend.id, backend.unique_name, props["State"].value, caps)

@@ -17,7 +17,8 @@ import threading
 from collections.abc import Iterator
 from types import TracebackType
 
-from ..errors import Corrupt, Truncated
+from ..errors import Corrupt, StreamError, Truncated
+from ..stream import NEED_DATA, StreamDecoder, StreamEnd
 from ..stream.container import (
     FILE_HEADER_SIZE,
     FOOTER_SIZE,
@@ -239,3 +240,41 @@ class SaveFileReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def verify_streams(reader: SaveFileReader) -> list[str | None]:
+    """Decode every stream of ``reader`` fully; return an error message per stream (None if fine).
+
+    Raises:
+        StreamError: the container itself is corrupt.
+    """
+    decoders = [StreamDecoder(info.backend_id) for info in reader.streams]
+    errors: list[str | None] = [None] * len(decoders)
+    ends: list[StreamEnd | None] = [None] * len(decoders)
+
+    def pump(n: int, data: bytes | None) -> None:
+        if errors[n] is not None:
+            return
+        try:
+            if data is None:
+                decoders[n].feed_eof()
+            else:
+                decoders[n].feed(data)
+            while (event := decoders[n].next_event()) is not NEED_DATA:
+                if isinstance(event, StreamEnd):
+                    ends[n] = event
+        except StreamError as exc:
+            errors[n] = f"{type(exc).__name__}: {exc}"
+
+    for n, data in reader.segments():
+        pump(n, data)
+    for n, info in enumerate(reader.streams):
+        pump(n, None)
+        end, head = ends[n], decoders[n].header
+        if errors[n] is None and end is not None and head is not None:
+            found = (head.version, head.compression, head.level, end.records, end.raw_bytes, end.wire_bytes, end.digest)
+            want = (info.version, info.compression, info.level, info.records, info.raw_bytes,
+                    info.stream_bytes, info.digest)  # fmt: skip
+            if found != want:
+                errors[n] = f"Corrupt: the index does not match the stream ({want} vs {found})"
+    return errors

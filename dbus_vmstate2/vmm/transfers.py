@@ -27,12 +27,12 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..backend.channel import enlarge_pipe
-from ..errors import IdMismatch, VMStateError
+from ..errors import BackendFailed, Corrupt, IdMismatch, StreamError, Unsupported, VMStateError
 from ..names import VMSTATE2
 from ..stream.container import StreamInfo
 from .calls import call
 from .discovery import BackendInfo
-from .savefile import SaveFileReader, SaveFileWriter
+from .savefile import SaveFileReader, SaveFileWriter, verify_streams
 
 CHUNK = 1 << 20
 
@@ -96,32 +96,48 @@ async def _start(bus: MessageBus, backend: BackendInfo, member: str, fd: int, op
     """Call Save or Load with ``fd``; our copy of ``fd`` is closed once the reply is in."""
     try:
         [number] = await call(bus, backend.unique_name, VMSTATE2, member, "ha{sv}", [0, options], unix_fds=[fd])
+    except VMStateError as exc:
+        if exc.remote_name in _NOT_VMSTATE2:
+            raise Unsupported(
+                "it serves only org.qemu.VMState1 (QEMU's dbus-vmstate, at most 1 MiB): migrate it with QEMU"
+            ) from exc
+        raise
     finally:
         os.close(fd)
     return number
 
 
+_NOT_VMSTATE2 = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownInterface",
+                 "org.freedesktop.DBus.Error.UnknownObject")
+
+
+async def _cancel_all(bus: MessageBus, backends: Sequence[BackendInfo]) -> None:
+    for backend in backends:
+        try:
+            await call(bus, backend.unique_name, VMSTATE2, "Cancel")
+        except VMStateError:
+            pass  # a back-end that is gone has nothing to cancel
+
+
 async def _all_or_cancel(bus: MessageBus, backends: Sequence[BackendInfo], jobs: list[Awaitable[Any]]) -> list[Any]:
-    """Run ``jobs`` together; on the first failure cancel every back-end's transfer and raise it."""
+    """Run ``jobs`` together; on the first failure, or if we are cancelled
+    ourselves, Cancel every back-end's transfer (which ends our pumps too:
+    the back-ends close their ends) and raise."""
     tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-        if failed:
-            for backend in backends:
-                try:
-                    await call(bus, backend.unique_name, VMSTATE2, "Cancel")
-                except VMStateError:
-                    pass  # a back-end that is gone has nothing to cancel
-        await asyncio.wait(tasks)
-        if failed:
-            raise failed[0].exception()  # type: ignore[misc]
-        return [t.result() for t in tasks]
     except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.shield(_cancel_all(bus, backends))
+        await asyncio.wait(tasks)
         raise
+    failed = [t.exception() for t in tasks if t.done() and t.exception() is not None]
+    if failed:
+        await _cancel_all(bus, backends)
+        await asyncio.wait(tasks)
+        for task in tasks:
+            task.exception()  # retrieved: the first failure speaks for all
+        raise failed[0]
+    return [t.result() for t in tasks]
 
 
 def _labelled(backend: BackendInfo, exc: VMStateError) -> VMStateError:
@@ -173,8 +189,13 @@ async def _save_one(
         enlarge_pipe(read_end)
         try:
             number = await _start(bus, backend, "Save", write_end, options)
-            await asyncio.to_thread(_pump_to_file, read_end, writer, stream, backend.id, progress)
-            info = writer.close_stream(stream)
+            try:
+                await asyncio.to_thread(_pump_to_file, read_end, writer, stream, backend.id, progress)
+                info = writer.close_stream(stream)
+            except StreamError as exc:
+                # A bad stream on save is the back-end's failure (it died, or
+                # is broken), not a bad file: the file is never written.
+                raise BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}") from exc
             await signals.wait_finished(backend, number)
         except VMStateError as exc:
             raise _labelled(backend, exc) from exc
@@ -196,13 +217,21 @@ async def load_from_file(
     backends: Sequence[BackendInfo],
     path: str | os.PathLike[str],
     progress: Progress | None = None,
+    *,
+    verify: bool = True,
 ) -> list[StreamInfo]:
     """Load each back-end in ``backends`` from its stream in the file at ``path``.
 
-    Each back-end verifies its stream (Id, checksums, counts, digest) and
-    applies it only when all of it verified.  As with QEMU, back-ends on the
-    bus that the file does not mention are not touched, but every back-end
-    named in ``backends`` must be in the file.
+    The whole file is verified first (every stream decoded: a read of the
+    file and its decompression), so a damaged file is refused before any
+    back-end is touched; then each back-end verifies its own stream again as
+    it loads (Id, checksums, counts, digest) and applies it only when all of
+    it verified.  As with QEMU, back-ends on the bus that the file does not
+    mention are not touched, but every back-end named in ``backends`` must be
+    in the file.
+
+    Args:
+        verify: verify the whole file before loading (default True).
 
     Raises:
         StreamError: the file is not a valid saved file.
@@ -221,6 +250,11 @@ async def load_from_file(
                 held = ", ".join(info.backend_id for info in reader.streams) or "none"
                 raise IdMismatch(f"{os.fspath(path)} holds no state for back-end {backend.id!r} (it holds: {held})") from None
             progress.expected[backend.id] = reader.streams[streams[backend.id]].stream_bytes
+        if verify:
+            errors = await asyncio.to_thread(verify_streams, reader)
+            bad = [f"{info.backend_id!r}: {error}" for info, error in zip(reader.streams, errors, strict=True) if error]
+            if bad:
+                raise Corrupt(f"{os.fspath(path)} does not verify, nothing was loaded: {'; '.join(bad)}")
         async with _FinishedSignals(bus) as signals:
             jobs = [_load_one(bus, signals, reader, streams[b.id], b, progress) for b in backends]
             await _all_or_cancel(bus, backends, jobs)
