@@ -135,20 +135,16 @@ def growing_temp_file(directory: Path, over: int) -> bool:
     return any(p.stat().st_size > over for p in temp_files(directory))
 
 
-def backend_state(bus_address: str, backend_id: str) -> str:
-    """The State property of the back-end with ``backend_id``, read with busctl."""
-    [status] = [s for s in json.loads(subprocess.run(
-        [sys.executable, "-m", "dbus_vmstate2", "list", "--json", "--address", bus_address],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=60,
-    ).stdout) if s["id"] == backend_id]
+def backend_state(bus_address: str, backend) -> str:
+    """The State property of a back-end process, read with busctl."""
     return subprocess.run(
-        ["busctl", f"--address={bus_address}", "get-property", status["unique_name"], OBJECT_PATH, VMSTATE2, "State"],
+        ["busctl", f"--address={bus_address}", "get-property", backend.unique_name, OBJECT_PATH, VMSTATE2, "State"],
         check=True, capture_output=True, text=True, timeout=30,
     ).stdout.split()[1].strip('"')
 
 
 def test_backend_killed_in_mid_save(bus_address, memstate, tmp_path, capsys):
-    memstate("small", "--size", "64K", "--seed", "1")
+    small = memstate("small", "--size", "64K", "--seed", "1")
     huge = memstate("huge", "--size", "1G", "--seed", "2")
     image = tmp_path / "vm.vmstate"
     saver = run_cli(bus_address, "save", str(image), "--compression", "none")
@@ -159,7 +155,7 @@ def test_backend_killed_in_mid_save(bus_address, memstate, tmp_path, capsys):
     assert "back-end 'huge'" in err and "Truncated" in err
     assert not image.exists() and not temp_files(tmp_path)
     # The other back-end was cancelled, not harmed: it serves on, state intact.
-    assert backend_state(bus_address, "small") == "running"
+    assert backend_state(bus_address, small) == "running"
     assert cli(bus_address, "save", str(image)) == 0
     assert main(["inspect", "--json", str(image)]) == 0
     [entry] = json.loads(capsys.readouterr().out.split("\n", 1)[1])["streams"]
@@ -167,18 +163,42 @@ def test_backend_killed_in_mid_save(bus_address, memstate, tmp_path, capsys):
 
 
 def test_vmm_killed_in_mid_save(bus_address, memstate, tmp_path, capsys):
-    memstate("big", "--size", "1G", "--seed", "3")
+    big = memstate("big", "--size", "1G", "--seed", "3")
     image = tmp_path / "vm.vmstate"
     saver = run_cli(bus_address, "save", str(image), "--compression", "none")
     wait_for(lambda: growing_temp_file(tmp_path, 32 << 20), "the save to start")
     saver.kill()
     saver.communicate()
     assert not image.exists()
-    wait_for(lambda: backend_state(bus_address, "big") == "running", "the back-end to end its transfer")
+    wait_for(lambda: backend_state(bus_address, big) == "running", "the back-end to end its transfer")
     # The back-end sees EPIPE, ends the transfer and serves on with its state.
     assert cli(bus_address, "save", str(image), "--id-list", "big", "--compression", "none") == 0
     capsys.readouterr()
-    assert main(["inspect", str(image)]) == 0
+    assert main(["inspect", "--json", str(image)]) == 0
+    [entry] = json.loads(capsys.readouterr().out)["streams"]
+    assert (entry["raw_bytes"], entry["verified"]) == (1 << 30, True)
+
+
+def test_vmm_killed_in_mid_load(bus_address, memstate, tmp_path, capsys):
+    source = memstate("big", "--size", "1G", "--seed", "4")
+    image = tmp_path / "vm.vmstate"
+    assert cli(bus_address, "save", str(image), "--compression", "none") == 0
+    source.stop()
+    dest = memstate("big", "--size", "1K", "--seed", "5", "--save-loaded", str(tmp_path / "big.loaded"))
+    loader = run_cli(bus_address, "load", str(image), "--no-verify")
+    wait_for(lambda: backend_state(bus_address, dest) == "resuming", "the load to start")
+    loader.kill()
+    loader.communicate()
+    # The back-end reads a truncated stream, refuses it and keeps its state.
+    wait_for(lambda: backend_state(bus_address, dest) == "running", "the back-end to end its transfer")
+    assert not (tmp_path / "big.loaded").exists()
+    capsys.readouterr()
+    again = tmp_path / "again.vmstate"
+    assert cli(bus_address, "save", str(again)) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(again)]) == 0
+    [entry] = json.loads(capsys.readouterr().out)["streams"]
+    assert (entry["raw_bytes"], entry["verified"]) == (1024, True)
 
 
 def test_vmm_terminated_in_mid_load_cancels_and_cleans_up(bus_address, memstate, tmp_path, capsys):
