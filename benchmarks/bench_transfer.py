@@ -32,7 +32,9 @@ the same run.  Throughputs are MiB/s of raw (uncompressed) state, best of
    (its file is fsynced and renamed by then).  Its fixed cost (interpreter
    start-up, imports, connecting, discovery) is estimated by timing
    `python -m dbus_vmstate2 list --address ADDR` in the same run; rates are
-   given both with it (what a user waits for) and without it.  memstate's
+   given both with it (what a user waits for) and without it.  Each of the
+   --runs rounds times the raw pipe, `list`, and the two saves in turn, so
+   that the baseline and the saves see the same machine.  memstate's
    state is pseudo-random, so zstd level 1 cannot shrink it: the zstd case
    measures the cost of trying, not a gain.
 4. Peak memory: for each of --rss-sizes, a fresh memstate, then one `save`
@@ -289,10 +291,22 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(work) / "processes.log"
         bus = stack.enter_context(PrivateBus())
         print(f"bench_transfer: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, files in {work}, "
-              f"best of {args.runs}", flush=True)
+              f"best of {args.runs}, load average {os.getloadavg()[0]:.2f}", flush=True)
 
-        # 1. raw pipe
-        copies = [raw_pipe(total, work) for _ in range(args.runs)]
+        # 1. raw pipe, 3. VMState2 save: interleaved, so that both see the same machine
+        copies: list[tuple[float, float]] = []
+        saves: dict[str, list[Run]] = {"none": [], "zstd": []}
+        stored: dict[str, int] = {}
+        lists: list[Run] = []
+        out = os.path.join(work, "saved.vms")
+        with memstate(bus.address, "bench", total, log):
+            for _ in range(args.runs):
+                copies.append(raw_pipe(total, work))
+                lists.append(run_cli(["list", "--address", bus.address], log))
+                for compression in saves:
+                    saves[compression].append(run_cli(["save", out, "--address", bus.address, "--compression", compression], log))
+                    stored[compression] = os.stat(out).st_size
+                    os.unlink(out)
         pipe_copy = total / min(c for c, _ in copies) / MiB
         pipe_sync = total / min(s for _, s in copies) / MiB
 
@@ -309,19 +323,6 @@ def main(argv: list[str] | None = None) -> int:
             with backend_process(argv, log):
                 seconds, blob = asyncio.run(time_inline(bus.address, backend_id, args.inline_calls))
             inline.append((label, seconds, blob))
-
-        # 3. VMState2 save of `total` bytes
-        saves: dict[str, list[Run]] = {"none": [], "zstd": []}
-        stored: dict[str, int] = {}
-        lists: list[Run] = []
-        out = os.path.join(work, "saved.vms")
-        with memstate(bus.address, "bench", total, log):
-            for _ in range(args.runs):
-                lists.append(run_cli(["list", "--address", bus.address], log))
-                for compression in saves:
-                    saves[compression].append(run_cli(["save", out, "--address", bus.address, "--compression", compression], log))
-                    stored[compression] = os.stat(out).st_size
-                    os.unlink(out)
 
         # 4. peak RSS
         rss_rows = []
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     table(rows)
     print(f"   reference: the `list` command's peak RSS is {mib(min(r.maxrss for r in lists))} (interpreter, imports, bus)")
     print()
-    print(f"bench_transfer: done in {time.perf_counter() - started:.0f} s")
+    print(f"bench_transfer: done in {time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -253,3 +253,21 @@ async def test_capabilities(client, memstate):
     assert set(caps["compression"]) == {"none", "zstd"}
     assert caps["inline-size-limit"] == 1 << 20
     assert caps["pre-copy"] is False
+
+
+async def test_load_callable_that_stops_early_moves_to_error(bus_address, client):
+    from dbus_vmstate2.backend import Backend
+
+    def hasty_load(records):
+        next(iter(records))  # takes one record, commits, returns
+
+    async with Backend("hasty", lambda: iter([b"a", b"b", b"c"]), hasty_load, address=bus_address):
+        [backend] = await list_backends(client)
+        stream = await save_bytes(client, backend)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(client, backend, "Load", r)
+        await asyncio.to_thread(lambda: (os.write(w, stream), os.close(w)))
+        with pytest.raises(BackendFailed) as raised:
+            await wait_finished(client, backend, number)
+        assert "before reading every record" in str(raised.value)
+        assert await get_state(client, backend) == "error"

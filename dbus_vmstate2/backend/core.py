@@ -241,32 +241,31 @@ class Backend:
             raise
 
     async def _run_save(self, transfer: Transfer, options: SaveOptions) -> None:
-        assert transfer.channel is not None
-        try:
+        async def work() -> None:
             state = await call_daemon("save", self._save)
             await asyncio.to_thread(save_stream, transfer.channel, self.id, state, options, transfer.progress)
-        except VMStateError as exc:
-            self._finish(transfer, Event.FAILED, exc)
-        except BaseException as exc:
-            log.exception("save #%d failed", transfer.number)
-            self._finish(transfer, Event.FAILED, BackendFailed(f"save failed with an internal error ({type(exc).__name__}); see the back-end's log"))
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self._finish(transfer, Event.SUCCEEDED, None)
+
+        await self._run(transfer, work, on_bug=Event.FAILED)
 
     async def _run_load(self, transfer: Transfer) -> None:
-        assert transfer.channel is not None
-        try:
+        async def work() -> None:
             await asyncio.to_thread(load_stream, transfer.channel, self.id, self._load, transfer.progress)
+
+        # A bug of ours in mid-load may have handed the daemon bad records.
+        await self._run(transfer, work, on_bug=Event.LOAD_BROKE)
+
+    async def _run(self, transfer: Transfer, work: Callable[[], Awaitable[None]], on_bug: Event) -> None:
+        """Run a transfer's ``work`` and record its outcome, whatever happens."""
+        try:
+            await work()
         except LoadOutcome as exc:
-            cause = exc.__cause__
-            self._finish(transfer, Event.LOAD_BROKE, cause if isinstance(cause, VMStateError) else BackendFailed(str(cause)))
+            self._finish(transfer, Event.LOAD_BROKE, exc.error)
         except VMStateError as exc:
             self._finish(transfer, Event.FAILED, exc)
         except BaseException as exc:
-            log.exception("load #%d failed", transfer.number)
-            self._finish(transfer, Event.LOAD_BROKE, BackendFailed(f"load failed with an internal error ({type(exc).__name__}); see the back-end's log"))
+            log.exception("%s #%d failed", transfer.operation, transfer.number)
+            error = BackendFailed(f"{transfer.operation} failed with an internal error ({type(exc).__name__}); see the back-end's log")
+            self._finish(transfer, on_bug, error)
             if not isinstance(exc, Exception):
                 raise
         else:

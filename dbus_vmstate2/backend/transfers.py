@@ -103,7 +103,12 @@ def _write(channel: Channel, chunks: list, progress: Progress) -> None:
 
 
 class LoadOutcome(Exception):
-    """The daemon's load callable failed for a reason of its own (not the stream's)."""
+    """The daemon's load callable failed for a reason of its own (not the
+    stream's), or returned early: its state is not known to be good."""
+
+    def __init__(self, error: VMStateError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[bytes]], Any], progress: Progress) -> None:
@@ -115,7 +120,7 @@ def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[byte
             contract asks, committed nothing.
         LoadOutcome: the daemon's load failed for its own reasons, or
             returned before the stream had verified; its state is not known
-            to be good.  ``__cause__`` holds the reason.
+            to be good.  ``error`` holds the reason.
     """
     reader = _RecordReader(channel, backend_id, progress)
     try:
@@ -123,24 +128,20 @@ def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[byte
     except VMStateError as exc:
         if exc is reader.error:
             raise  # the stream's own failure, passed through the daemon's loop
-        raise LoadOutcome() from exc
+        raise LoadOutcome(exc) from exc
     except Exception as exc:
         if reader.error is not None:
             raise reader.error from exc  # the daemon wrapped our error in its own
         log.exception("the back-end's load raised")
-        raise LoadOutcome() from BackendFailed(
-            f"the back-end's load raised {type(exc).__name__}; see the back-end's log"
-        )
+        raise LoadOutcome(BackendFailed(f"the back-end's load raised {type(exc).__name__}; see the back-end's log")) from exc
     if not reader.verified:
         # The daemon returned before the end: whatever it kept is unverified.
         try:
             for _ in reader.records():
                 pass
         except VMStateError as exc:
-            raise LoadOutcome() from exc
-        raise LoadOutcome() from BackendFailed(
-            "the back-end's load returned before reading every record; its state may be incomplete"
-        )
+            raise LoadOutcome(exc) from exc
+        raise LoadOutcome(BackendFailed("the back-end's load returned before reading every record; its state may be incomplete"))
 
 
 class _RecordReader:
