@@ -14,7 +14,9 @@ The daemon's callables:
   bytes-like records (each at most ``stream.MAX_RECORD_SIZE``).  It may be a
   coroutine function (awaited on the loop: take a consistent snapshot there)
   or a plain function (run in a worker thread); the iterable is consumed in
-  the transfer's worker thread, one record at a time.
+  the transfer's worker threads, one record at a time.  A record must not
+  change once yielded, until the save has ended: it is written while the
+  next one is made (yield fresh bytes, or views of a snapshot).
 * ``load(records)`` is a plain function, run in the transfer's worker
   thread.  It receives an iterator over the records, in order, each verified
   before it is handed over; the iterator raises if the stream fails a check,
