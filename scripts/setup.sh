@@ -8,7 +8,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Debian packages: the bus daemon, busctl, stock QEMU (VMState1 interop
 # tests) and the zstd command (the benchmark's baseline).
+python=${PYTHON:-python3}
 need_apt=()
+# Debian's own python3 makes virtual environments only with python3-venv.
+"$python" -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v dbus-daemon >/dev/null || need_apt+=(dbus-daemon)
 command -v busctl >/dev/null || need_apt+=(systemd)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
@@ -20,7 +23,6 @@ if ((${#need_apt[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     echo "setup: Python 3.11 or newer is needed ($python is $("$python" --version 2>&1))" >&2
     exit 1
