@@ -121,8 +121,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for s in statuses:
         caps = s.capabilities
         summary = (
-            f"stream v{','.join(map(str, caps['stream-versions']))}, {'/'.join(caps['compression'])}, "
-            f"records <= {_size(caps['max-record-size'])}, pre-copy {'yes' if caps['pre-copy'] else 'no'}"
+            f"stream v{','.join(map(str, caps.get('stream-versions', [])))}, {'/'.join(caps.get('compression', []))}, "
+            f"records <= {_size(caps.get('max-record-size', 0))}, pre-copy {'yes' if caps.get('pre-copy') else 'no'}"
         ) if caps else "VMState1 only (<= 1 MiB)"
         lines.append([s.id, s.unique_name, s.state, summary])
     widths = [max(len(line[i]) for line in lines) for i in range(3)]
@@ -199,7 +199,16 @@ def _on_bus(args: argparse.Namespace, work: Callable[[Any, list[BackendInfo]], A
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+        def cancel_once() -> None:
+            # The first signal cancels; the cleanup it starts (Cancel on every
+            # back-end, then waiting for the pumps) must not be cut short.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, lambda: None)
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, cancel_once)
         bus = await connect(args.address)
         try:
             return await work(bus, await list_backends(bus, args.id_list))

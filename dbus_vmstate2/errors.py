@@ -154,5 +154,9 @@ def from_dbus_error(name: str, text: str) -> VMStateError:
     return error
 
 
+class BusLost(VMStateError):
+    """The VMM's bus connection ended (the bus daemon went away)."""
+
+
 class DiscoveryError(VMStateError):
     """The back-ends on the bus are not the ones asked for (missing or duplicate Ids)."""

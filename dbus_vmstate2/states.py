@@ -13,8 +13,8 @@ The one-shot Save and Load of the whole state move through ``stop-copy`` and
 daemon's live state is never touched by a failed transfer (a save only reads
 it; a load is staged and committed only once the stream has verified).  The
 one way into ``error`` is a load callable of the daemon that fails after it
-may have applied records; then only ``Reset`` (or a new successful Load)
-leaves it.  Iterative live migration will add VFIO v2's PRE_COPY and STOP
+may have applied records; then only ``Reset`` leaves it, the VMM's word that
+it knows the state may be bad (it will load again, or give up on it).  Iterative live migration will add VFIO v2's PRE_COPY and STOP
 here as ``pre-copy`` and ``stopped``; clients must accept State values they
 do not know.
 """
@@ -68,7 +68,6 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.LOAD_BROKE: State.ERROR,
     },
     State.ERROR: {
-        Event.LOAD: State.RESUMING,
         Event.RESET: State.RUNNING,
     },
 }

@@ -11,12 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from dbus_fast import NameFlag
 
+from dbus_vmstate2.backend import Backend
+from dbus_vmstate2.backend.vmstate1 import VMState1Interface
 from dbus_vmstate2.cli import EXIT_BACKEND_FAILED, EXIT_CORRUPT, EXIT_INTERRUPTED, main
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.stream.container import FILE_HEADER_SIZE
 
-from dbus_vmstate2.names import OBJECT_PATH, VMSTATE2
+from dbus_vmstate2.errors import LimitExceeded, Unsupported
+from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE2
+from dbus_vmstate2.vmm import connect, describe, list_backends, save_to_file
 
 from .conftest import ROOT
 
@@ -218,3 +223,49 @@ def test_vmm_terminated_in_mid_load_cancels_and_cleans_up(bus_address, memstate,
     capsys.readouterr()
     assert cli(bus_address, "list", "--json") == 0
     assert json.loads(capsys.readouterr().out)[0]["state"] == "running"
+
+
+class _OnlyVMState1:
+    """A peer as stock helpers are: VMState1 only (no VMState2 at all)."""
+
+    id = "legacy"
+
+    async def save_inline(self) -> bytes:
+        return b"x"
+
+
+async def test_a_vmstate1_only_peer_is_listed_as_such_and_refused_by_save(bus_address, client, tmp_path):
+    peer = await connect(bus_address)
+    try:
+        peer.export(OBJECT_PATH, VMState1Interface(_OnlyVMState1()))
+        await peer.request_name(VMSTATE1, NameFlag.NONE)
+        [info] = await list_backends(client)
+        status = await describe(client, info)
+        assert (status.id, status.state, status.capabilities) == ("legacy", "vmstate1-only", {})
+        with pytest.raises(Unsupported) as raised:
+            await save_to_file(client, [info], tmp_path / "vm.vmstate")
+        assert "only org.qemu.VMState1" in str(raised.value)
+        assert not list(tmp_path.iterdir())
+    finally:
+        peer.disconnect()
+        await peer.wait_for_disconnect()
+
+
+def test_an_unusable_bus_address_exits_2(capsys, tmp_path):
+    assert main(["list", "--address", "junk"]) == 2
+    assert "cannot use junk" in capsys.readouterr().err
+    assert main(["save", str(tmp_path / "x"), "--address", f"unix:path={tmp_path}/none"]) == 2
+    assert "cannot use" in capsys.readouterr().err
+
+
+async def test_save_reports_the_backends_own_error(bus_address, client, tmp_path):
+    def save():
+        yield b"fine"
+        yield bytes(17 << 20)  # over the 16 MiB record limit
+
+    async with Backend("oversized", save, list, address=bus_address):
+        [info] = await list_backends(client)
+        with pytest.raises(LimitExceeded) as raised:
+            await save_to_file(client, [info], tmp_path / "vm.vmstate")
+    assert "back-end 'oversized'" in str(raised.value) and "yield smaller records" in str(raised.value)
+    assert not list(tmp_path.iterdir())

@@ -271,3 +271,18 @@ async def test_load_callable_that_stops_early_moves_to_error(bus_address, client
             await wait_finished(client, backend, number)
         assert "before reading every record" in str(raised.value)
         assert await get_state(client, backend) == "error"
+
+
+async def test_a_cancel_right_behind_a_save_is_not_lost(client, memstate):
+    memstate("quick", "--size", "64M", "--seed", "1")
+    [backend] = await list_backends(client)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    saving = asyncio.ensure_future(
+        call(client, backend.unique_name, VMSTATE2, "Save", "ha{sv}", [0, {}], unix_fds=[w])
+    )
+    cancelling = asyncio.ensure_future(call(client, backend.unique_name, VMSTATE2, "Cancel"))
+    [number], _ = await asyncio.gather(saving, cancelling)
+    os.close(w)
+    with pytest.raises(Cancelled):
+        await wait_finished(client, backend, number)
+    os.close(r)

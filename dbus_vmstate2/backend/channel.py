@@ -3,9 +3,8 @@ interruptible by :meth:`Channel.cancel` from any thread.
 
 The fd is put in non-blocking mode and waited on with ``poll`` together with
 a wake-up pipe, so a cancel takes effect at once even when the peer has
-stopped reading or writing.  (O_NONBLOCK belongs to the open file description
-that the VMM shares: the VMM closes its copy of our end once our reply has
-arrived, so this does not reach it in practice.)  Pipes, sockets and regular
+stopped reading or writing.  (O_NONBLOCK belongs to the open file description,
+which a peer may share: it is set back when the channel closes.)  Pipes, sockets and regular
 files all work; for a regular file poll always reports ready.
 """
 
@@ -38,10 +37,16 @@ class Channel:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_r = self._wake_w = -1
         self._cancelled = False
         try:
+            # dbus-fast receives fds without MSG_CMSG_CLOEXEC: a child the
+            # daemon spawns must not inherit the stream's end, or the peer
+            # would never see our close.
+            os.set_inheritable(fd, False)
+            self._was_blocking = os.get_blocking(fd)
             os.set_blocking(fd, False)
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             self.close()
             raise
@@ -100,6 +105,11 @@ class Channel:
 
     def close(self) -> None:
         """Close the caller's fd and our wake-up pipe; safe to call more than once."""
+        if self.fd >= 0 and getattr(self, "_was_blocking", False):
+            try:  # the open file description may be shared: leave it as we found it
+                os.set_blocking(self.fd, True)
+            except OSError:
+                pass
         for name in ("fd", "_wake_r", "_wake_w"):
             fd = getattr(self, name)
             if fd >= 0:

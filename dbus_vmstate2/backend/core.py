@@ -214,7 +214,7 @@ class Backend:
             "pre-copy": Variant("b", False),
         }
 
-    async def start_save(self, fd: int, options: dict[str, Variant]) -> int:
+    def start_save(self, fd: int, options: dict[str, Variant]) -> int:
         """Save: start streaming the state into ``fd``, which we now own."""
         try:
             save_options = SaveOptions.from_dbus(options)
@@ -225,7 +225,7 @@ class Backend:
         self._spawn(self._run_save(transfer, save_options))
         return transfer.number
 
-    async def start_load(self, fd: int, options: dict[str, Variant]) -> int:
+    def start_load(self, fd: int, options: dict[str, Variant]) -> int:
         """Load: start reading a stream from ``fd``, which we now own."""
         if options:
             os.close(fd)
@@ -245,16 +245,30 @@ class Backend:
     async def _run_save(self, transfer: Transfer, options: SaveOptions) -> None:
         async def work() -> None:
             state = await call_daemon("save", self._save)
-            await asyncio.to_thread(save_stream, transfer.channel, self.id, state, options, transfer.progress)
+            await self._in_thread(transfer, save_stream, transfer.channel, self.id, state, options, transfer.progress)
 
         await self._run(transfer, work, on_bug=Event.FAILED)
 
     async def _run_load(self, transfer: Transfer) -> None:
         async def work() -> None:
-            await asyncio.to_thread(load_stream, transfer.channel, self.id, self._load, transfer.progress)
+            await self._in_thread(transfer, load_stream, transfer.channel, self.id, self._load, transfer.progress)
 
         # A bug of ours in mid-load may have handed the daemon bad records.
         await self._run(transfer, work, on_bug=Event.LOAD_BROKE)
+
+    @staticmethod
+    async def _in_thread(transfer: Transfer, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` in a worker thread; if we are cancelled (the loop is
+        shutting down), cancel the channel and wait for the thread, so that
+        the fd is never closed under it."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if transfer.channel is not None:
+                transfer.channel.cancel()
+            await asyncio.wait({future})
+            raise
 
     async def _run(self, transfer: Transfer, work: Callable[[], Awaitable[None]], on_bug: Event) -> None:
         """Run a transfer's ``work`` and record its outcome, whatever happens."""
@@ -283,8 +297,7 @@ class Backend:
         transfer = self._transfer
         if transfer is None:
             raise InvalidState(f"no transfer has been started on back-end {self.id!r}")
-        if transfer.error is not None:
-            raise type(transfer.error)(str(transfer.error))
+        self._raise_outcome(transfer)
         progress = transfer.progress
         return transfer.number, transfer.finished, progress.records, progress.raw_bytes, progress.stream_bytes
 
@@ -304,32 +317,39 @@ class Backend:
     async def save_inline(self) -> bytes:
         """VMState1 Save: the whole state as one verified stream of <= 1 MiB."""
         transfer = self._open("save", Event.SAVE)
-        try:
+        blob = b""
+
+        async def work() -> None:
+            nonlocal blob
             state = await call_daemon("save", self._save)
             blob = await call_daemon("save", self._encode_inline, state)
-        except VMStateError as exc:
-            self._finish(transfer, Event.FAILED, exc)
-            raise
-        transfer.progress.stream_bytes = len(blob)
-        self._finish(transfer, Event.SUCCEEDED, None)
+            transfer.progress.stream_bytes = len(blob)
+
+        await self._run(transfer, work, on_bug=Event.FAILED)
+        self._raise_outcome(transfer)
         return blob
 
     async def load_inline(self, blob: bytes) -> None:
         """VMState1 Load: verify the whole blob, then hand its records to load."""
         transfer = self._open("load", Event.LOAD)
-        try:
+
+        async def work() -> None:
             records = await asyncio.to_thread(decode_inline, self.id, blob)
-        except VMStateError as exc:
-            self._finish(transfer, Event.FAILED, exc)
-            raise
-        try:
-            await call_daemon("load", self._load, iter(records))
-        except VMStateError as exc:
-            self._finish(transfer, Event.LOAD_BROKE, exc)
-            raise
-        progress = transfer.progress
-        progress.records, progress.raw_bytes, progress.stream_bytes = len(records), sum(map(len, records)), len(blob)
-        self._finish(transfer, Event.SUCCEEDED, None)
+            try:
+                await call_daemon("load", self._load, iter(records))
+            except VMStateError as exc:
+                raise LoadOutcome(exc) from exc
+            progress = transfer.progress
+            progress.records, progress.stream_bytes = len(records), len(blob)
+            progress.raw_bytes = sum(len(r) for r in records)
+
+        await self._run(transfer, work, on_bug=Event.LOAD_BROKE)
+        self._raise_outcome(transfer)
+
+    @staticmethod
+    def _raise_outcome(transfer: Transfer) -> None:
+        if transfer.error is not None:
+            raise type(transfer.error)(str(transfer.error))
 
     def _encode_inline(self, state: SaveResult) -> bytes:
         return encode_inline(self.id, iter_records(state), self._compression)

@@ -31,15 +31,19 @@ class VMState2Interface(ServiceInterface):
     def Capabilities(self) -> DBusDict:  # noqa: N802
         return self._backend.capabilities()
 
-    @method()
-    async def Save(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
-        with dbus_errors("VMState2 Save"):
-            return await self._backend.start_save(fd, options)
+    # Save and Load are plain methods, not coroutines: dbus-fast runs a
+    # coroutine handler as a task, later, so a Cancel right behind a Save
+    # would find no transfer yet and be lost.
 
     @method()
-    async def Load(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
+    def Save(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
+        with dbus_errors("VMState2 Save"):
+            return self._backend.start_save(fd, options)
+
+    @method()
+    def Load(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
         with dbus_errors("VMState2 Load"):
-            return await self._backend.start_load(fd, options)
+            return self._backend.start_load(fd, options)
 
     @method()
     def Check(self) -> "tbttt":  # noqa: N802, F821

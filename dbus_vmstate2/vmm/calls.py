@@ -8,7 +8,7 @@ from typing import Any
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..errors import from_dbus_error
+from ..errors import BusLost, from_dbus_error
 from ..names import OBJECT_PATH
 
 BUS_NAME = "org.freedesktop.DBus"
@@ -30,18 +30,21 @@ async def call(
 
     Raises:
         VMStateError: the subclass matching the error reply's name.
+        BusLost: the bus connection ended.
     """
-    reply = await bus.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-            unix_fds=list(unix_fds),
-        )
+    message = Message(
+        destination=destination,
+        path=path,
+        interface=interface,
+        member=member,
+        signature=signature,
+        body=list(body),
+        unix_fds=list(unix_fds),
     )
+    try:
+        reply = await bus.call(message)
+    except (EOFError, ConnectionError) as exc:
+        raise BusLost(f"the bus connection ended during {interface}.{member}: {exc or type(exc).__name__}") from exc
     if reply.message_type is MessageType.ERROR:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         raise from_dbus_error(reply.error_name or "", text)

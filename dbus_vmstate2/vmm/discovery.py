@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dbus_fast import BusType
+from dbus_fast import AuthError, BusType, InvalidAddressError, Variant
 from dbus_fast.aio import MessageBus
 
 from ..errors import DiscoveryError, VMStateError
@@ -34,12 +34,21 @@ class BackendInfo:
 
 
 async def connect(address: str | None) -> MessageBus:
-    """Connect to ``address`` (the session bus when None), with fd passing."""
-    if address is None:
-        bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
-    else:
-        bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
-    return await bus.connect()
+    """Connect to ``address`` (the session bus when None), with fd passing.
+
+    Raises:
+        ConnectionError: the address is malformed, nothing listens there, or
+            the bus refused us; the message names the address.
+    """
+    where = address or "the session bus"
+    try:
+        if address is None:
+            bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
+        else:
+            bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
+        return await bus.connect()
+    except (OSError, EOFError, ValueError, InvalidAddressError, AuthError) as exc:
+        raise ConnectionError(f"cannot use {where}: {exc or type(exc).__name__}") from exc
 
 
 async def list_backends(bus: MessageBus, id_list: Sequence[str] | None = None) -> list[BackendInfo]:
@@ -95,7 +104,20 @@ async def describe(bus: MessageBus, backend: BackendInfo) -> BackendStatus:
     """Read a back-end's VMState2 State and Capabilities."""
     try:
         [props] = await call(bus, backend.unique_name, PROPERTIES, "GetAll", "s", [VMSTATE2], path=OBJECT_PATH)
-    except VMStateError:
+    except VMStateError as exc:
+        if exc.remote_name not in NOT_VMSTATE2:
+            raise
         return BackendStatus(backend.id, backend.unique_name, "vmstate1-only", {})
-    caps = {name: variant.value for name, variant in props["Capabilities"].value.items()}
-    return BackendStatus(backend.id, backend.unique_name, props["State"].value, caps)
+    caps = {name: variant.value for name, variant in props.get("Capabilities", Variant("a{sv}", {})).value.items()}
+    state = props["State"].value if "State" in props else "unknown"
+    return BackendStatus(backend.id, backend.unique_name, state, caps)
+
+
+NOT_VMSTATE2 = (
+    "org.freedesktop.DBus.Error.UnknownMethod",
+    "org.freedesktop.DBus.Error.UnknownInterface",
+    "org.freedesktop.DBus.Error.UnknownObject",
+    "org.freedesktop.DBus.Error.UnknownProperty",
+    "org.freedesktop.DBus.Error.InvalidArgs",  # dbus-fast's answer to GetAll of an interface it lacks
+)
+"""Replies that mean "this peer has no VMState2", as opposed to a failure."""

@@ -27,11 +27,11 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..backend.channel import enlarge_pipe
-from ..errors import BackendFailed, Corrupt, IdMismatch, StreamError, Unsupported, VMStateError
+from ..errors import BackendFailed, Corrupt, ErrorName, IdMismatch, StreamError, Unsupported, VMStateError
 from ..names import VMSTATE2
 from ..stream.container import StreamInfo
 from .calls import call
-from .discovery import BackendInfo
+from .discovery import NOT_VMSTATE2, BackendInfo
 from .savefile import SaveFileReader, SaveFileWriter, verify_streams
 
 CHUNK = 1 << 20
@@ -97,7 +97,7 @@ async def _start(bus: MessageBus, backend: BackendInfo, member: str, fd: int, op
     try:
         [number] = await call(bus, backend.unique_name, VMSTATE2, member, "ha{sv}", [0, options], unix_fds=[fd])
     except VMStateError as exc:
-        if exc.remote_name in _NOT_VMSTATE2:
+        if exc.remote_name in NOT_VMSTATE2:
             raise Unsupported(
                 "it serves only org.qemu.VMState1 (QEMU's dbus-vmstate, at most 1 MiB): migrate it with QEMU"
             ) from exc
@@ -107,16 +107,12 @@ async def _start(bus: MessageBus, backend: BackendInfo, member: str, fd: int, op
     return number
 
 
-_NOT_VMSTATE2 = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownInterface",
-                 "org.freedesktop.DBus.Error.UnknownObject")
-
-
 async def _cancel_all(bus: MessageBus, backends: Sequence[BackendInfo]) -> None:
     for backend in backends:
         try:
             await call(bus, backend.unique_name, VMSTATE2, "Cancel")
-        except VMStateError:
-            pass  # a back-end that is gone has nothing to cancel
+        except Exception:  # a back-end (or a bus) that is gone has nothing to cancel
+            pass
 
 
 async def _all_or_cancel(bus: MessageBus, backends: Sequence[BackendInfo], jobs: list[Awaitable[Any]]) -> list[Any]:
@@ -193,8 +189,10 @@ async def _save_one(
                 await asyncio.to_thread(_pump_to_file, read_end, writer, stream, backend.id, progress)
                 info = writer.close_stream(stream)
             except StreamError as exc:
-                # A bad stream on save is the back-end's failure (it died, or
-                # is broken), not a bad file: the file is never written.
+                # A bad stream on save is the back-end's failure, not a bad
+                # file.  If it can say why (it was cancelled, its save
+                # raised, a record was too large), that is the error to show.
+                await _reported_failure(signals, backend, number)
                 raise BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}") from exc
             await signals.wait_finished(backend, number)
         except VMStateError as exc:
@@ -202,6 +200,17 @@ async def _save_one(
     finally:
         os.close(read_end)
     return info
+
+
+async def _reported_failure(signals: _FinishedSignals, backend: BackendInfo, number: int) -> None:
+    """Raise the back-end's own error for transfer ``number``, if it reports one soon."""
+    try:
+        await asyncio.wait_for(signals.wait_finished(backend, number), 5.0)
+    except VMStateError as reported:
+        if reported.remote_name in set(ErrorName):
+            raise
+    except TimeoutError:
+        pass
 
 
 def _pump_to_file(fd: int, writer: SaveFileWriter, stream: int, backend_id: str, progress: Progress) -> None:
