@@ -33,6 +33,9 @@ from ..stream.container import (
 
 Buffer = bytes | bytearray | memoryview
 
+WRITEBACK_STEP = 64 << 20
+"""The writer starts writeback of every this many bytes (see _put)."""
+
 
 class SaveFileWriter:
     """Write several back-ends' streams into one file, atomically.
@@ -54,6 +57,7 @@ class SaveFileWriter:
         self._lock = threading.Lock()
         self._container = ContainerWriter()
         self._done = False
+        self._written = self._flushed = 0
         try:
             os.fchmod(fd, mode)
             self._put(self._container.start())
@@ -122,7 +126,14 @@ class SaveFileWriter:
 
     def _put(self, chunks: list) -> None:
         for chunk in chunks:
-            self._file.write(chunk)
+            self._written += self._file.write(chunk)
+        if self._written - self._flushed >= WRITEBACK_STEP:
+            # Start the disk writes of what is done, so that commit's fsync
+            # does not wait for gigabytes at once; DONTNEED also keeps the
+            # state from crowding the page cache.
+            self._file.flush()
+            os.posix_fadvise(self._file.fileno(), self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self._written
 
     def __enter__(self) -> SaveFileWriter:
         return self
