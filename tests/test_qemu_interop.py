@@ -76,6 +76,15 @@ async def qemu_load(workdir: Path, bus_address: str, id_list: str, image: Path) 
     return status, code, (workdir / "dest.log").read_text(errors="replace")
 
 
+async def save_through_qemu(workdir: Path, bus_address: str, sources: list, image: Path) -> None:
+    """Save ``sources`` (started back-ends) with QEMU, then stop them."""
+    try:
+        await qemu_save(workdir, bus_address, "idA,idB", image)
+    finally:
+        for backend in sources:
+            backend.stop()
+
+
 @pytest.fixture
 def two_buses():
     with PrivateBus() as source, PrivateBus() as dest:
@@ -91,11 +100,7 @@ async def test_qemu_migrates_two_backends_through_a_file(tmp_path, two_buses):
         start_memstate(source_bus, "idB", "--state-file", str(state_b)),
     ]
     image = tmp_path / "vm.image"
-    try:
-        await qemu_save(tmp_path, source_bus, "idA,idB", image)
-    finally:
-        for backend in sources:
-            backend.stop()
+    await save_through_qemu(tmp_path, source_bus, sources, image)
     assert b"dbus-vmstate/dbus-vmstate" in image.read_bytes()
 
     dests = [
@@ -116,11 +121,7 @@ async def test_qemu_load_fails_when_a_backend_is_missing(tmp_path, two_buses):
     source_bus, dest_bus = two_buses
     sources = [start_memstate(source_bus, i, "--size", "4K", "--seed", "1") for i in ("idA", "idB")]
     image = tmp_path / "vm.image"
-    try:
-        await qemu_save(tmp_path, source_bus, "idA,idB", image)
-    finally:
-        for backend in sources:
-            backend.stop()
+    await save_through_qemu(tmp_path, source_bus, sources, image)
 
     only_a = start_memstate(dest_bus, "idA", "--save-loaded", str(tmp_path / "a.loaded"))
     try:

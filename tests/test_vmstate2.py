@@ -71,6 +71,21 @@ async def save_bytes(client, backend, options=None) -> bytes:
     return data
 
 
+async def load_bytes(client, backend, data: bytes) -> int:
+    """Start a Load and feed it ``data`` through a pipe; return the transfer number."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    number = await start(client, backend, "Load", r)
+
+    def feed() -> None:
+        try:
+            os.write(w, data)
+        finally:
+            os.close(w)
+
+    await asyncio.to_thread(feed)
+    return number
+
+
 async def get_state(client, backend) -> str:
     [value] = await call(client, backend.unique_name, PROPERTIES, "Get", "ss", [VMSTATE2, "State"])
     return value.value
@@ -123,9 +138,7 @@ async def test_load_of_a_stream_for_another_id_keeps_the_state(client, memstate,
     memstate("b", "--size", "64K", "--seed", "2", "--save-loaded", str(tmp_path / "b.loaded"))
     a, b = await list_backends(client)
     stream = await save_bytes(client, a)
-    r, w = os.pipe2(os.O_CLOEXEC)
-    number = await start(client, b, "Load", r)
-    await asyncio.to_thread(lambda: (os.write(w, stream), os.close(w)))
+    number = await load_bytes(client, b, stream)
     with pytest.raises(IdMismatch) as raised:
         await wait_finished(client, b, number)
     assert "'a'" in str(raised.value) and "'b'" in str(raised.value)
@@ -210,9 +223,7 @@ async def test_no_fd_leaks_over_good_and_bad_calls(client, memstate):
             os.close(r)
             os.close(w)
             assert reply.message_type is MessageType.ERROR
-        r, w = os.pipe2(os.O_CLOEXEC)
-        number = await start(client, backend, "Load", r)
-        await asyncio.to_thread(lambda: (os.write(w, b"not a stream"), os.close(w)))
+        number = await load_bytes(client, backend, b"not a stream")
         with pytest.raises(StreamError):
             await wait_finished(client, backend, number)
     await asyncio.sleep(0.1)
@@ -231,9 +242,7 @@ async def test_failing_load_callable_moves_to_error_until_reset(bus_address, cli
     async with Backend("fragile", lambda: b"x" * 1000, broken_load, address=bus_address):
         [backend] = await list_backends(client)
         stream = await save_bytes(client, backend)
-        r, w = os.pipe2(os.O_CLOEXEC)
-        number = await start(client, backend, "Load", r)
-        await asyncio.to_thread(lambda: (os.write(w, stream), os.close(w)))
+        number = await load_bytes(client, backend, stream)
         with pytest.raises(BackendFailed) as raised:
             await wait_finished(client, backend, number)
         assert "RuntimeError" in str(raised.value) and "disk full" not in str(raised.value)
@@ -264,9 +273,7 @@ async def test_load_callable_that_stops_early_moves_to_error(bus_address, client
     async with Backend("hasty", lambda: iter([b"a", b"b", b"c"]), hasty_load, address=bus_address):
         [backend] = await list_backends(client)
         stream = await save_bytes(client, backend)
-        r, w = os.pipe2(os.O_CLOEXEC)
-        number = await start(client, backend, "Load", r)
-        await asyncio.to_thread(lambda: (os.write(w, stream), os.close(w)))
+        number = await load_bytes(client, backend, stream)
         with pytest.raises(BackendFailed) as raised:
             await wait_finished(client, backend, number)
         assert "before reading every record" in str(raised.value)
