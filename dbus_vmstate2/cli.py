@@ -125,9 +125,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"records <= {_size(caps.get('max-record-size', 0))}, pre-copy {'yes' if caps.get('pre-copy') else 'no'}"
         ) if caps else "VMState1 only (<= 1 MiB)"
         lines.append([s.id, s.unique_name, s.state, summary])
-    widths = [max(len(line[i]) for line in lines) for i in range(3)]
-    for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+    _print_columns(lines)
     if not statuses:
         print("(no back-ends on this bus)")
     return EXIT_OK
@@ -310,6 +308,13 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _print_columns(lines: list[list[str]]) -> None:
+    """Print rows in aligned columns; the last column runs free."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1])
+
+
 def _print_table(rows: list[dict]) -> None:
     head = ["ID", "VERSION", "COMPRESSION", "RECORDS", "RAW", "STORED", "RATIO", "VERIFIED"]
     lines = [head]
@@ -318,8 +323,6 @@ def _print_table(rows: list[dict]) -> None:
         ok = "yes" if r["verified"] else f"NO: {r['error']}"
         lines.append([r["id"], str(r["format_version"]), comp, str(r["records"]), _size(r["raw_bytes"]),
                       _size(r["stored_bytes"]), f"{r['ratio']:.2f}", ok])  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
-    for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+    _print_columns(lines)
     if not rows:
         print("(no back-ends in this file)")

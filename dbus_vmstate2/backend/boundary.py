@@ -54,7 +54,11 @@ async def call_daemon(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     except VMStateError:
         raise
     except Exception as exc:
-        log.exception("the back-end's %s raised", what)
-        raise BackendFailed(
-            f"the back-end's {what} raised {type(exc).__name__}; see the back-end's log"
-        ) from exc
+        raise daemon_failed(what, exc) from exc
+
+
+def daemon_failed(what: str, exc: Exception) -> BackendFailed:
+    """Log the daemon's own exception from its ``what`` (with traceback) and
+    return the error the caller sees: the exception's type, nothing more."""
+    log.error("the back-end's %s raised", what, exc_info=exc)
+    return BackendFailed(f"the back-end's {what} raised {type(exc).__name__}; see the back-end's log")

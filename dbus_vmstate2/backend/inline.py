@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from ..errors import LimitExceeded, StreamLimitExceeded
 from ..names import VMSTATE1_SIZE_LIMIT
 from ..stream import NEED_DATA, Compression, Record, StreamDecoder, StreamEncoder
-from .records import BytesLike
+from .records import BytesLike, nbytes
 
 INLINE_RAW_LIMIT = 64 << 20
 """The most state one inline blob may carry once decompressed.  A 1 MiB blob
@@ -52,7 +52,7 @@ def encode_inline(
     append(encoder.start())
     raw = 0
     for record in records:
-        raw += len(memoryview(record).cast("B"))
+        raw += nbytes(record)
         if raw > INLINE_RAW_LIMIT:
             raise LimitExceeded(
                 f"the state of back-end {backend_id!r} is over {INLINE_RAW_LIMIT} bytes, the most one "

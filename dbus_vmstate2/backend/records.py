@@ -15,6 +15,11 @@ BLOB_RECORD_SIZE = 1 << 20
 """A state returned as one bytes object is sent as records of this size."""
 
 
+def nbytes(data: BytesLike) -> int:
+    """The size in bytes of any bytes-like object (a memoryview may have wide items)."""
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
 def iter_records(state: SaveResult) -> Iterator[BytesLike]:
     """Yield the records of ``state``, a save callable's result.
 
@@ -37,7 +42,7 @@ def iter_records(state: SaveResult) -> Iterator[BytesLike]:
     for number, record in enumerate(state):
         if not isinstance(record, bytes | bytearray | memoryview):
             raise TypeError(f"record {number} from save is {type(record).__name__}, not bytes")
-        size = record.nbytes if isinstance(record, memoryview) else len(record)
+        size = nbytes(record)
         if size > MAX_RECORD_SIZE:
             raise LimitExceeded(
                 f"record {number} from save is {size} bytes, over the {MAX_RECORD_SIZE}-byte "

@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import BackendFailed, StreamError, Unsupported, VMStateError
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
 from .channel import Channel
-from .records import BytesLike, SaveResult, iter_records
+from .boundary import daemon_failed
+from .records import BytesLike, SaveResult, iter_records, nbytes
 
 log = logging.getLogger("dbus_vmstate2.backend")
 
@@ -92,7 +93,7 @@ def save_stream(channel: Channel, backend_id: str, state: SaveResult, options: S
                 pending.result()
                 pending = writer.submit(_write, channel, chunks, progress)
                 progress.records += 1
-                progress.raw_bytes += len(memoryview(record).cast("B"))
+                progress.raw_bytes += nbytes(record)
             chunks = encoder.finish()
             pending.result()
         except BaseException:
@@ -110,14 +111,13 @@ def _next_record(records: Iterator[BytesLike]) -> BytesLike | None:
     except VMStateError:
         raise
     except Exception as exc:
-        log.exception("the back-end's save records raised")
-        raise BackendFailed(f"the back-end's save raised {type(exc).__name__}; see the back-end's log") from exc
+        raise daemon_failed("save", exc) from exc
 
 
 def _write(channel: Channel, chunks: list, progress: Progress) -> None:
     for chunk in chunks:
         channel.write(chunk)
-        progress.stream_bytes += len(memoryview(chunk).cast("B"))
+        progress.stream_bytes += nbytes(chunk)
 
 
 class LoadOutcome(Exception):
@@ -150,8 +150,7 @@ def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[byte
     except Exception as exc:
         if reader.error is not None:
             raise reader.error from exc  # the daemon wrapped our error in its own
-        log.exception("the back-end's load raised")
-        raise LoadOutcome(BackendFailed(f"the back-end's load raised {type(exc).__name__}; see the back-end's log")) from exc
+        raise LoadOutcome(daemon_failed("load", exc)) from exc
     if not reader.verified:
         # The daemon returned before the end: whatever it kept is unverified.
         try:
