@@ -13,7 +13,7 @@ from dbus_vmstate2.errors import BackendFailed, Busy, Cancelled, ErrorName, IdMi
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.names import OBJECT_PATH, VMSTATE2
 from dbus_vmstate2.stream import decode_stream
-from dbus_vmstate2.vmm import list_backends
+from dbus_vmstate2.vmm import connect, list_backends
 from dbus_vmstate2.vmm.calls import PROPERTIES, call
 
 from .conftest import count_fds
@@ -293,3 +293,32 @@ async def test_a_cancel_right_behind_a_save_is_not_lost(client, memstate):
     with pytest.raises(Cancelled):
         await wait_finished(client, backend, number)
     os.close(r)
+
+
+async def test_cancel_stops_only_the_callers_own_transfer(client, bus_address, memstate):
+    memstate("owned", "--size", "16M", "--seed", "3")
+    [backend] = await list_backends(client)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    number = await start(client, backend, "Save", w, {"compression": Variant("s", "none")})
+    other = await connect(bus_address)  # a second VMM helper on the same bus
+    try:
+        other_r, other_w = os.pipe2(os.O_CLOEXEC)
+        with pytest.raises(Busy):
+            await start(other, backend, "Save", other_w)
+        os.close(other_r)
+        await call(other, backend.unique_name, VMSTATE2, "Cancel")  # not its transfer: no effect
+        await asyncio.sleep(0.2)
+        assert (await check(client, backend))[:2] == [number, False]
+        assert await call(other, backend.unique_name, VMSTATE2, "CancelTransfer", "t", [number + 1]) == [False]
+        assert (await check(client, backend))[:2] == [number, False]
+        # By its number, anyone may stop it (an operator's last resort).
+        assert await call(other, backend.unique_name, VMSTATE2, "CancelTransfer", "t", [number]) == [True]
+        with pytest.raises(Cancelled):
+            await wait_finished(client, backend, number)
+        assert await call(other, backend.unique_name, VMSTATE2, "CancelTransfer", "t", [number]) == [False]
+    finally:
+        os.close(r)
+        other.disconnect()
+        await other.wait_for_disconnect()
+    data = await save_bytes(client, backend)
+    assert stream_state(data, "owned") == deterministic_state(16 << 20, 3)

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from dbus_fast import BusType, NameFlag, Variant
+from dbus_fast import BusType, Message, MessageType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
 from ..errors import BackendFailed, Busy, InvalidState, Unsupported, VMStateError
@@ -64,6 +64,8 @@ class Transfer:
     number: int
     operation: str
     channel: Channel | None = None
+    owner: str | None = None
+    """The unique bus name of the connection that started it."""
     progress: Progress = field(default_factory=Progress)
     error: VMStateError | None = None
     finished: bool = False
@@ -107,6 +109,7 @@ class Backend:
         self.state = State.RUNNING
         self._transfer: Transfer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._caller: str | None = None
 
     @property
     def unique_name(self) -> str:
@@ -130,6 +133,7 @@ class Backend:
         await bus.connect()
         try:
             bus.add_message_handler(FdGuard(OBJECT_PATH, VMSTATE2, [("Save", "ha{sv}"), ("Load", "ha{sv}")]))
+            bus.add_message_handler(self._note_caller)
             bus.export(OBJECT_PATH, VMState1Interface(self))
             bus.export(OBJECT_PATH, self._vmstate2)
             replies = [await bus.request_name(name, NameFlag.NONE) for name in (VMSTATE1, VMSTATE2)]
@@ -164,6 +168,13 @@ class Backend:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def _note_caller(self, msg: Message) -> None:
+        # dbus-fast gives a method no access to its message, but it runs the
+        # message handlers and then a plain (non-coroutine) method in one
+        # synchronous step: Save, Load and Cancel read the caller noted here.
+        if msg.message_type is MessageType.METHOD_CALL and msg.path == OBJECT_PATH:
+            self._caller = msg.sender
+
     # -- the state machine and the transfer record --------------------------
 
     def _fire(self, event: Event) -> None:
@@ -178,7 +189,7 @@ class Backend:
             raise Busy(f"back-end {self.id!r} is busy with {self._transfer.operation} #{self._transfer.number}")
         self._fire(event)
         number = self._transfer.number + 1 if self._transfer else 1
-        self._transfer = Transfer(number, operation, channel)
+        self._transfer = Transfer(number, operation, channel, owner=self._caller)
         return self._transfer
 
     def _finish(self, transfer: Transfer, event: Event, error: VMStateError | None) -> None:
@@ -301,12 +312,39 @@ class Backend:
         progress = transfer.progress
         return transfer.number, transfer.finished, progress.records, progress.raw_bytes, progress.stream_bytes
 
-    def cancel(self) -> None:
-        """Cancel: stop the running transfer, if any; the state stays as it was."""
+    def cancel(self, caller: str | None = None) -> None:
+        """Cancel: stop the running transfer, if any; the state stays as it was.
+
+        Args:
+            caller: stop it only if this unique bus name started it (None:
+                whoever did, as when the back-end stops).
+        """
         transfer = self._transfer
-        if transfer is not None and not transfer.finished and transfer.channel is not None:
-            log.info("back-end %r: cancelling %s #%d", self.id, transfer.operation, transfer.number)
-            transfer.channel.cancel()
+        if transfer is not None and (caller is None or caller == transfer.owner):
+            self._cancel(transfer)
+
+    def cancel_own(self) -> None:
+        """Cancel, the D-Bus method: stop the running transfer if the
+        connection calling it is the one that started it."""
+        self.cancel(caller=self._caller or "")
+
+    def cancel_transfer(self, number: int) -> bool:
+        """CancelTransfer: stop transfer ``number`` if it is the one running.
+
+        Returns:
+            True if it was running and is being stopped, else False.
+        """
+        transfer = self._transfer
+        if transfer is None or transfer.number != number:
+            return False
+        return self._cancel(transfer)
+
+    def _cancel(self, transfer: Transfer) -> bool:
+        if transfer.finished or transfer.channel is None:
+            return False
+        log.info("back-end %r: cancelling %s #%d", self.id, transfer.operation, transfer.number)
+        transfer.channel.cancel()
+        return True
 
     def reset(self) -> None:
         """Reset: back to ``running`` (from ``error``, or a no-op in ``running``)."""

@@ -4,7 +4,7 @@
 # signatures from the evaluated annotations.
 from typing import TYPE_CHECKING
 
-from dbus_fast.annotations import DBusDict, DBusStr, DBusUInt64, DBusUnixFd
+from dbus_fast.annotations import DBusBool, DBusDict, DBusStr, DBusUInt64, DBusUnixFd
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from ..names import VMSTATE2
@@ -53,7 +53,12 @@ class VMState2Interface(ServiceInterface):
     @method()
     def Cancel(self) -> None:  # noqa: N802
         with dbus_errors("VMState2 Cancel"):
-            self._backend.cancel()
+            self._backend.cancel_own()
+
+    @method()
+    def CancelTransfer(self, transfer: DBusUInt64) -> DBusBool:  # noqa: N802
+        with dbus_errors("VMState2 CancelTransfer"):
+            return self._backend.cancel_transfer(transfer)
 
     @method()
     def Reset(self) -> None:  # noqa: N802
