@@ -1,9 +1,10 @@
 """A private dbus-daemon for one VM, as libvirt runs one per VM.
 
 Used by the demo, the tests and the benchmarks; also handy for trying a
-back-end by hand.  The policy lets every local peer own names and call
-anything, as libvirt's per-VM bus does: isolation comes from the bus being
-private (its socket lives in a directory only its owner can enter).
+back-end by hand.  The default policy lets every local peer own names and
+call anything, as libvirt's per-VM bus does: isolation comes from the bus
+being private (its socket lives in a directory only its owner can enter).
+Tests pass stricter policies.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
   <type>session</type>
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
+{policy}
+</busconfig>
+"""
+
+OPEN_POLICY = """  <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
-  </policy>
-</busconfig>
-"""
+  </policy>"""
+"""libvirt's per-VM bus policy: every peer may own any name and call anything."""
 
 
 class PrivateBus:
@@ -33,9 +37,14 @@ class PrivateBus:
 
     ``address`` is a plain ``unix:path=...`` address with no ``,guid=``
     part, so it can go into a QEMU ``-object`` option unchanged.
+
+    Args:
+        policy: the ``<policy>`` elements of the bus configuration
+            (default :data:`OPEN_POLICY`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, policy: str = OPEN_POLICY) -> None:
+        self._policy = policy
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -50,7 +59,7 @@ class PrivateBus:
         self._dir = Path(tempfile.mkdtemp(prefix="dbus-vmstate2-bus-"))
         socket = self._dir / "bus"
         config = self._dir / "bus.conf"
-        config.write_text(_CONFIG.format(socket=socket))
+        config.write_text(_CONFIG.format(socket=socket, policy=self._policy))
         # The daemon's own complaints (such as not being allowed to raise its
         # fd limit) go to a log beside the socket, not into our output.
         self._log = self._dir / "bus.log"

@@ -50,13 +50,15 @@ class BackendProcess:
 
 def start_memstate(address: str, backend_id: str, *args: str, timeout: float = 60.0) -> BackendProcess:
     """Start the example back-end and wait for its READY line."""
-    process = subprocess.Popen(
+    return start_ready(
         [sys.executable, "-m", "dbus_vmstate2.examples.memstate", "--address", address, "--id", backend_id, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+        backend_id, timeout,
     )
+
+
+def start_ready(argv: list[str], what: str, timeout: float = 60.0) -> BackendProcess:
+    """Start a back-end process and wait for its ``READY <unique name>`` line."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     line = process.stdout.readline() if ready else ""
@@ -64,7 +66,7 @@ def start_memstate(address: str, backend_id: str, *args: str, timeout: float = 6
         process.kill()
         process.wait()
         process.stdout.close()
-        raise RuntimeError(f"memstate {backend_id!r} did not become ready (got {line!r})")
+        raise RuntimeError(f"back-end {what!r} did not become ready (got {line!r})")
     return BackendProcess(process, line.split()[1])
 
 

@@ -9,10 +9,11 @@ import subprocess
 
 import pytest
 
-from dbus_vmstate2.backend import Backend, ThreadedBackend
+from dbus_vmstate2.backend import Backend, ThreadedBackend, inline_capacity
 from dbus_vmstate2.errors import BackendFailed, ErrorName, IdMismatch, LimitExceeded, StreamError
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT
+from dbus_vmstate2.stream import Compression
 from dbus_vmstate2.vmm import list_backends
 from dbus_vmstate2.vmm.calls import BUS_NAME, call
 from dbus_vmstate2.vmm.vmstate1 import load_inline, save_inline
@@ -176,3 +177,58 @@ async def test_busctl_introspection_matches_the_xml(bus_address):
 def test_unusable_ids_are_refused(bad):
     with pytest.raises((ValueError, LimitExceeded)):
         Backend(bad, bytes, list)
+
+
+async def test_an_incompressible_state_fits_up_to_the_stated_capacity(bus_address, client):
+    capacity = inline_capacity("edge")
+    assert capacity == VMSTATE1_SIZE_LIMIT - 112 - len("edge")
+    state = bytes(deterministic_state(capacity, 5))
+    loaded = Store()
+    async with Backend("edge", Store(state).save, loaded.load, address=bus_address):
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+        assert len(blob) == VMSTATE1_SIZE_LIMIT  # exactly QEMU's limit, which QEMU accepts
+        assert blob[12] == Compression.NONE  # zstd would not have shrunk it: sent uncompressed
+        await load_inline(client, info, blob)
+    assert loaded.state == state
+    async with Backend("edge", Store(state + b"!").save, loaded.load, address=bus_address):
+        [info] = await list_backends(client)
+        with pytest.raises(LimitExceeded, match=f"at most {capacity} bytes fits"):
+            await save_inline(client, info)
+
+
+async def test_legacy_mode_serves_and_takes_raw_blobs_of_up_to_exactly_1mib(bus_address, client):
+    state = bytes(deterministic_state(VMSTATE1_SIZE_LIMIT, 6))
+    loaded = Store(b"previous")
+    async with Backend("old", Store(state).save, loaded.load, address=bus_address, vmstate1="legacy"):
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+        assert blob == state  # what a hand-written back-end would have returned
+        await load_inline(client, info, blob)
+        assert loaded.state == state
+        await load_inline(client, info, b"")  # an empty raw state is a state too
+        assert loaded.state == b""
+    # It also takes the stream blobs of an upgraded source, verified as ever.
+    async with Backend("old", Store(b"upgraded").save, Store().load, address=bus_address):
+        [info] = await list_backends(client)
+        stream_blob = await save_inline(client, info)
+    async with Backend("old", loaded.save, loaded.load, address=bus_address, vmstate1="legacy"):
+        [info] = await list_backends(client)
+        await load_inline(client, info, stream_blob)
+        assert loaded.state == b"upgraded"
+        with pytest.raises(StreamError):
+            await load_inline(client, info, stream_blob[:-1])
+        assert loaded.state == b"upgraded"
+    async with Backend("old", Store(state + b"!").save, loaded.load, address=bus_address, vmstate1="legacy"):
+        [info] = await list_backends(client)
+        with pytest.raises(LimitExceeded):
+            await save_inline(client, info)
+
+
+async def test_stream_mode_refuses_a_raw_blob(bus_address, client):
+    target = Store(b"previous")
+    async with Backend("new", target.save, target.load, address=bus_address):
+        [info] = await list_backends(client)
+        with pytest.raises(StreamError):
+            await load_inline(client, info, b"a raw state from an old daemon")
+    assert target.state == b"previous"

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from dbus_fast import BusType, Message, MessageType, NameFlag, Variant
+from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
 from ..errors import BackendFailed, Busy, InvalidState, Unsupported, VMStateError
@@ -47,7 +47,7 @@ from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression
 from .boundary import call_daemon, log
 from .channel import Channel
 from .fdguard import FdGuard
-from .inline import decode_inline, encode_inline
+from .inline import InlineMode, decode_inline, encode_inline
 from .records import SaveResult, iter_records
 from .transfers import LoadOutcome, Progress, SaveOptions, load_stream, save_stream
 from .vmstate1 import VMState1Interface
@@ -82,7 +82,13 @@ class Backend:
         load: the daemon's load callable, a plain function.
         address: a D-Bus address such as ``unix:path=/run/vm1/bus``; the
             session bus when None.
-        compression: how VMState1's inline blob is compressed.
+        compression: how VMState1's inline blob may be compressed (a state
+            that does not shrink is sent uncompressed).
+        vmstate1: how to serve QEMU's org.qemu.VMState1: ``stream`` (the
+            default: the blob is a verified stream), ``legacy`` (the raw
+            state, as a daemon written by hand against QEMU's interface
+            serves it; Load takes either) or ``off`` (VMState2 only; QEMU's
+            dbus-vmstate never sees this back-end).  See backend/inline.py.
 
     Raises:
         TypeError: ``load`` is a coroutine function.
@@ -96,6 +102,7 @@ class Backend:
         *,
         address: str | None = None,
         compression: Compression = Compression.ZSTD,
+        vmstate1: InlineMode | str = InlineMode.STREAM,
     ) -> None:
         if inspect.iscoroutinefunction(load):
             raise TypeError("load must be a plain function: it runs in the transfer's thread and pulls records as they arrive")
@@ -104,6 +111,7 @@ class Backend:
         self._load = load
         self._address = address
         self._compression = compression
+        self._inline_mode = InlineMode(vmstate1)
         self._bus: MessageBus | None = None
         self._vmstate2 = VMState2Interface(self)
         self.state = State.RUNNING
@@ -121,10 +129,15 @@ class Backend:
     async def start(self) -> None:
         """Connect, export the object and queue on the bus names.
 
-        A queued name request is success: QEMU enumerates every queued owner.
+        A queued name request is success: QEMU enumerates every queued
+        owner.  A name the bus's policy refuses is logged with what still
+        works (a bus that lets helpers own only org.qemu.VMState1, as QEMU's
+        own test bus does, still gets VMState1); only a bus that refuses
+        every name is an error.
 
         Raises:
             OSError, dbus_fast.AuthError, ...: the bus cannot be reached.
+            PermissionError: the bus's policy refuses every name we need.
         """
         if self._address is None:
             bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
@@ -134,14 +147,37 @@ class Backend:
         try:
             bus.add_message_handler(FdGuard(OBJECT_PATH, VMSTATE2, [("Save", "ha{sv}"), ("Load", "ha{sv}")]))
             bus.add_message_handler(self._note_caller)
-            bus.export(OBJECT_PATH, VMState1Interface(self))
+            names = [VMSTATE2]
+            if self._inline_mode is not InlineMode.OFF:
+                bus.export(OBJECT_PATH, VMState1Interface(self))
+                names.insert(0, VMSTATE1)
             bus.export(OBJECT_PATH, self._vmstate2)
-            replies = [await bus.request_name(name, NameFlag.NONE) for name in (VMSTATE1, VMSTATE2)]
+            queued = await self._request_names(bus, names)
         except BaseException:
             bus.disconnect()
             raise
         self._bus = bus
-        log.info("back-end %r is %s (%s)", self.id, bus.unique_name, ", ".join(r.name for r in replies))
+        log.info("back-end %r is %s (%s)", self.id, bus.unique_name, ", ".join(f"{n}: {r}" for n, r in queued.items()))
+
+    async def _request_names(self, bus: MessageBus, names: list[str]) -> dict[str, str]:
+        """Queue on ``names``; return how each request went, refusals logged."""
+        outcome, refused = {}, []
+        for name in names:
+            try:
+                outcome[name] = (await bus.request_name(name, NameFlag.NONE)).name.lower().replace("_", " ")
+            except DBusError as exc:
+                outcome[name] = "refused"
+                refused.append(f"{name} ({exc.type}: {exc.text})")
+        if len(refused) == len(names):
+            raise PermissionError(f"back-end {self.id!r}: the bus refused every name it needs: {'; '.join(refused)}")
+        if refused:
+            if outcome.get(VMSTATE1, "refused") == "refused":
+                works = "VMState2 still works (a VMM finds it in the org.qemu.VMState2 queue), QEMU's dbus-vmstate does not see it"
+            else:
+                works = ("QEMU's dbus-vmstate (VMState1, up to 1 MiB) still works, and a VMM finds it for VMState2 "
+                         "in the org.qemu.VMState1 queue where the bus lets it call this back-end")
+            log.warning("back-end %r: the bus refused %s: %s", self.id, "; ".join(refused), works)
+        return outcome
 
     async def stop(self) -> None:
         """Cancel a running transfer and leave the bus; safe to call more than once."""
@@ -223,6 +259,7 @@ class Backend:
             "max-record-size": Variant("t", MAX_RECORD_SIZE),
             "inline-size-limit": Variant("t", VMSTATE1_SIZE_LIMIT),
             "pre-copy": Variant("b", False),
+            "vmstate1": Variant("s", self._inline_mode.value),
         }
 
     def start_save(self, fd: int, options: dict[str, Variant]) -> int:
@@ -372,7 +409,7 @@ class Backend:
         transfer = self._open("load", Event.LOAD)
 
         async def work() -> None:
-            records = await asyncio.to_thread(decode_inline, self.id, blob)
+            records = await asyncio.to_thread(decode_inline, self.id, blob, self._inline_mode)
             try:
                 await call_daemon("load", self._load, iter(records))
             except VMStateError as exc:
@@ -390,4 +427,4 @@ class Backend:
             raise type(transfer.error)(str(transfer.error))
 
     def _encode_inline(self, state: SaveResult) -> bytes:
-        return encode_inline(self.id, iter_records(state), self._compression)
+        return encode_inline(self.id, iter_records(state), self._compression, self._inline_mode)

@@ -1,23 +1,43 @@
-"""VMState1's inline blob: the whole state as one stream in one D-Bus message.
+"""VMState1's inline blob: the whole state in one D-Bus message.
 
 QEMU treats what ``Save()`` returns as opaque bytes and hands them back to
-``Load()`` on the destination.  We put a complete dbus-vmstate2 stream there
-(header, records, trailer; see docs/stream-format.md), so that a back-end
-migrated by stock QEMU still gets the Id check, the integrity check and the
-versioning of VMState2, and its load callable receives the very records its
-source saved.  QEMU allows at most 1 MiB per back-end: the limit applies to
-the encoded (compressed) blob, and is checked while encoding, so an oversized
-state is refused after at most 1 MiB of output, never held whole.
+``Load()`` on the destination, at most 1 MiB per back-end
+(``DBUS_VMSTATE_SIZE_LIMIT``; a blob of exactly 1 MiB is accepted).  How a
+back-end fills that blob is its :class:`InlineMode`:
+
+* ``stream`` (the default): a complete dbus-vmstate2 stream (header, records,
+  trailer; see docs/stream-format.md), so that a back-end migrated by stock
+  QEMU still gets the Id check, the integrity check and the versioning of
+  VMState2, and its load callable receives the very records its source
+  saved.  The framing costs ``112 + len(Id)`` bytes for a state sent as one
+  record, so an incompressible state fits if it is at most
+  :func:`inline_capacity` bytes (1 048 464 minus the Id's length); a
+  compressible one fits if it compresses to that.  The blob is compressed
+  with zstd only when that makes it smaller.
+* ``legacy``: the state's bytes as they are, as a back-end written by hand
+  against QEMU's interface returns them (up to exactly 1 MiB).  Load then
+  accepts such a raw blob (handed to the load callable as one record) or a
+  stream, told apart by the stream's magic.  This is the upgrade path of a
+  daemon that used to serve raw blobs: see the README.
+* ``off``: the back-end does not serve VMState1 at all (it neither exports
+  the interface nor queues on its name), so QEMU's dbus-vmstate never sees
+  it; it moves only through VMState2.
+
+Every limit is checked while encoding, so an oversized state is refused
+after at most about 1 MiB has been held, never held whole.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import logging
 from collections.abc import Iterable
 
 from ..errors import LimitExceeded, StreamLimitExceeded
 from ..names import VMSTATE1_SIZE_LIMIT
 from ..stream import NEED_DATA, Compression, Record, StreamDecoder, StreamEncoder
+from ..stream._format import HEADER_FIXED_SIZE, MAGIC, RECORD_HEADER_SIZE, TRAILER_SIZE
 from .records import BytesLike, nbytes
 
 INLINE_RAW_LIMIT = 64 << 20
@@ -28,43 +48,116 @@ inline Load verifies the whole blob before handing anything over."""
 log = logging.getLogger(__name__)
 
 
+class InlineMode(enum.StrEnum):
+    """How a back-end serves org.qemu.VMState1 (the ``vmstate1`` argument of Backend)."""
+
+    STREAM = "stream"
+    """Serve VMState1; the blob is a verified dbus-vmstate2 stream."""
+    LEGACY = "legacy"
+    """Serve VMState1; Save returns the raw state, Load takes a raw state or a stream."""
+    OFF = "off"
+    """Do not serve VMState1: the back-end moves only through VMState2."""
+
+
+def stream_overhead(backend_id: str, records: int = 1) -> int:
+    """Bytes an uncompressed stream adds to its records' payloads (docs/stream-format.md §2, §3, §5)."""
+    return HEADER_FIXED_SIZE + len(backend_id.encode()) + 4 + records * RECORD_HEADER_SIZE + TRAILER_SIZE
+
+
+def inline_capacity(backend_id: str) -> int:
+    """The largest incompressible state (sent as one record) that fits in one
+    ``stream`` blob of back-end ``backend_id``: 1 048 464 minus the Id's length."""
+    return VMSTATE1_SIZE_LIMIT - stream_overhead(backend_id)
+
+
 def encode_inline(
-    backend_id: str, records: Iterable[BytesLike], compression: Compression = Compression.ZSTD
+    backend_id: str,
+    records: Iterable[BytesLike],
+    compression: Compression = Compression.ZSTD,
+    mode: InlineMode = InlineMode.STREAM,
 ) -> bytes:
-    """Encode ``records`` as one stream of at most ``VMSTATE1_SIZE_LIMIT`` bytes.
+    """The VMState1 blob of a state: at most ``VMSTATE1_SIZE_LIMIT`` bytes.
+
+    Args:
+        compression: the most a ``stream`` blob may use; a state that does
+            not shrink is sent uncompressed.
+        mode: ``stream`` or ``legacy`` (see the module docstring).
 
     Raises:
-        LimitExceeded: the encoded stream would exceed QEMU's 1 MiB.
+        LimitExceeded: the blob would exceed QEMU's 1 MiB.
     """
+    records = iter(records)
+    head, raw = [], 0
+    for record in records:  # pull until the state is known to be small, or is not
+        head.append(record)
+        raw += nbytes(record)
+        if raw > VMSTATE1_SIZE_LIMIT:
+            break
+    if mode is InlineMode.LEGACY:
+        if raw > VMSTATE1_SIZE_LIMIT:
+            raise _too_large(backend_id, f"is over {VMSTATE1_SIZE_LIMIT} bytes")
+        return b"".join(head)
+    if raw > VMSTATE1_SIZE_LIMIT:
+        if compression is Compression.NONE:
+            raise _too_large(backend_id, f"is over {VMSTATE1_SIZE_LIMIT} bytes and is not compressed")
+        return _encode_capped(backend_id, itertools.chain(head, records), compression)
+    uncompressed = raw + stream_overhead(backend_id, len(head))
+    if compression is not Compression.NONE:
+        blob = _encode_capped(backend_id, head, compression, cap=uncompressed - 1)
+        if blob is not None:
+            return blob
+    if uncompressed > VMSTATE1_SIZE_LIMIT:
+        raise _too_large(
+            backend_id,
+            f"does not compress and needs {uncompressed} bytes framed (an incompressible state of at most "
+            f"{inline_capacity(backend_id)} bytes fits)",
+        )
+    return _encode_capped(backend_id, head, Compression.NONE)
+
+
+def _encode_capped(
+    backend_id: str, records: Iterable[BytesLike], compression: Compression, cap: int | None = None
+) -> bytes | None:
+    """Encode ``records``; with ``cap``, None as soon as the blob would exceed it,
+    else LimitExceeded past QEMU's limit."""
+    limit = VMSTATE1_SIZE_LIMIT if cap is None else min(cap, VMSTATE1_SIZE_LIMIT)
     encoder = StreamEncoder(backend_id, compression=compression)
     blob = bytearray()
+    raw = 0
 
-    def append(chunks: list) -> None:
+    def append(chunks: list) -> bool:
         for chunk in chunks:
             blob.extend(chunk)
-        if len(blob) > VMSTATE1_SIZE_LIMIT:
-            raise LimitExceeded(
-                f"the state of back-end {backend_id!r} encodes to more than "
-                f"{VMSTATE1_SIZE_LIMIT} bytes, QEMU's dbus-vmstate limit for one "
-                "back-end: migrate it through org.qemu.VMState2 (dbus-vmstate2 save/load) instead"
-            )
+        return len(blob) <= limit
 
-    append(encoder.start())
-    raw = 0
+    fits = append(encoder.start())
     for record in records:
         raw += nbytes(record)
         if raw > INLINE_RAW_LIMIT:
-            raise LimitExceeded(
-                f"the state of back-end {backend_id!r} is over {INLINE_RAW_LIMIT} bytes, the most one "
-                "VMState1 blob may carry: migrate it through org.qemu.VMState2 (dbus-vmstate2 save/load) instead"
-            )
-        append(encoder.record(record))
-    append(encoder.finish())
-    return bytes(blob)
+            raise _too_large(backend_id, f"is over {INLINE_RAW_LIMIT} bytes, the most one VMState1 blob may carry")
+        fits = fits and append(encoder.record(record))
+        if not fits:
+            break
+    fits = fits and append(encoder.finish())
+    if fits:
+        return bytes(blob)
+    if cap is not None:
+        return None
+    raise _too_large(backend_id, f"encodes to more than {VMSTATE1_SIZE_LIMIT} bytes")
 
 
-def decode_inline(backend_id: str, blob: bytes) -> list[memoryview]:
+def _too_large(backend_id: str, why: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"the state of back-end {backend_id!r} {why}; QEMU's dbus-vmstate takes at most "
+        f"{VMSTATE1_SIZE_LIMIT} bytes per back-end: migrate it through org.qemu.VMState2 (dbus-vmstate2) instead"
+    )
+
+
+def decode_inline(backend_id: str, blob: bytes, mode: InlineMode = InlineMode.STREAM) -> list[memoryview]:
     """Verify ``blob`` completely and return its record payloads.
+
+    In ``legacy`` mode a blob that does not start with the stream's magic is
+    a raw state, returned as one record unchecked (it carries no check).
 
     Raises:
         LimitExceeded: the blob is over 1 MiB (QEMU would never send it), or
@@ -73,9 +166,9 @@ def decode_inline(backend_id: str, blob: bytes) -> list[memoryview]:
             truncated, corrupt, ...); nothing has been handed to the daemon.
     """
     if len(blob) > VMSTATE1_SIZE_LIMIT:
-        raise LimitExceeded(
-            f"a VMState1 blob is at most {VMSTATE1_SIZE_LIMIT} bytes, got {len(blob)}"
-        )
+        raise LimitExceeded(f"a VMState1 blob is at most {VMSTATE1_SIZE_LIMIT} bytes, got {len(blob)}")
+    if mode is InlineMode.LEGACY and blob[: len(MAGIC)] != MAGIC:
+        return [memoryview(blob)]
     decoder = StreamDecoder(backend_id)
     decoder.feed(blob)
     decoder.feed_eof()

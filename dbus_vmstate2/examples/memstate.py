@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..backend import Backend, ThreadedBackend
+from ..backend import Backend, InlineMode, ThreadedBackend
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic bytes (default 0)")
     parser.add_argument("--save-loaded", type=Path, metavar="FILE", help="write the state received by Load to FILE")
     parser.add_argument("--threaded", action="store_true", help="use the threaded adapter instead of asyncio")
+    parser.add_argument(
+        "--vmstate1", choices=[m.value for m in InlineMode], default=InlineMode.STREAM.value,
+        help="serve QEMU's VMState1 with a stream blob (default), a raw legacy blob, or not at all (off)",
+    )
     return parser
 
 
@@ -143,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         state = deterministic_state(args.size, args.seed)
     memstate = MemState(state, args.save_loaded)
+    options = {"address": args.address, "vmstate1": args.vmstate1}
     if args.threaded:
-        _serve_threaded(ThreadedBackend(args.id, memstate.save, memstate.load, address=args.address))
+        _serve_threaded(ThreadedBackend(args.id, memstate.save, memstate.load, **options))
     else:
-        asyncio.run(_serve_asyncio(Backend(args.id, memstate.save, memstate.load, address=args.address)))
+        asyncio.run(_serve_asyncio(Backend(args.id, memstate.save, memstate.load, **options)))
     return 0
 
 

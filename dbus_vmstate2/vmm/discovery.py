@@ -1,10 +1,14 @@
-"""Find the back-ends on a bus the way QEMU's dbus-vmstate does.
+"""Find the back-ends on a bus the way QEMU's dbus-vmstate does, and more.
 
-Every back-end queues on ``org.qemu.VMState1``; ``ListQueuedOwners`` gives
-their unique names and ``Properties.GetAll`` their Ids.  As in QEMU since 7.1,
-a peer that does not answer GetAll is skipped with a warning (it is not one of
-ours), a duplicate Id is an error, and with an Id list only those Ids are kept
-and each must be present.
+A back-end queues on ``org.qemu.VMState1`` (QEMU's name), on
+``org.qemu.VMState2``, or on both: a back-end may stay out of QEMU's own
+dbus-vmstate, and a strict bus policy may refuse it one of the names.
+``ListQueuedOwners`` of both names gives their unique names (VMState1's queue
+first, in queue order, as QEMU sees it), and ``Properties.GetAll`` of the
+interface each was found by gives its Id.  As in QEMU since 7.1, a peer that
+does not answer GetAll is skipped with a warning (it is not one of ours), a
+duplicate Id is an error, and with an Id list only those Ids are kept and each
+must be present.
 """
 
 from __future__ import annotations
@@ -61,19 +65,13 @@ async def list_backends(bus: MessageBus, id_list: Sequence[str] | None = None) -
         DiscoveryError: two back-ends share an Id, or an Id of ``id_list``
             is not on the bus.
     """
-    try:
-        [owners] = await call(bus, BUS_NAME, BUS_NAME, "ListQueuedOwners", "s", [VMSTATE1], path="/org/freedesktop/DBus")
-    except VMStateError as exc:
-        if exc.remote_name != "org.freedesktop.DBus.Error.NameHasNoOwner":
-            raise
-        owners = []
     found: dict[str, BackendInfo] = {}
-    for owner in owners:
+    for owner, interface in await _queued_owners(bus):
         try:
-            [props] = await call(bus, owner, PROPERTIES, "GetAll", "s", [VMSTATE1], path=OBJECT_PATH)
+            [props] = await call(bus, owner, PROPERTIES, "GetAll", "s", [interface], path=OBJECT_PATH)
             backend_id = props["Id"].value
         except (VMStateError, KeyError) as exc:
-            log.warning("%s queues on %s but has no readable Id, skipped: %s", owner, VMSTATE1, exc)
+            log.warning("%s queues on %s but has no readable Id, skipped: %s", owner, interface, exc)
             continue
         if id_list is not None and backend_id not in id_list:
             continue
@@ -87,6 +85,21 @@ async def list_backends(bus: MessageBus, id_list: Sequence[str] | None = None) -
         if missing:
             raise DiscoveryError(f"required back-ends are not on the bus: {', '.join(missing)}")
     return list(found.values())
+
+
+async def _queued_owners(bus: MessageBus) -> list[tuple[str, str]]:
+    """(unique name, interface) of every owner queued on either name, each once."""
+    owners: dict[str, str] = {}
+    for name in (VMSTATE1, VMSTATE2):
+        try:
+            [queued] = await call(bus, BUS_NAME, BUS_NAME, "ListQueuedOwners", "s", [name], path="/org/freedesktop/DBus")
+        except VMStateError as exc:
+            if exc.remote_name != "org.freedesktop.DBus.Error.NameHasNoOwner":
+                raise
+            queued = []
+        for owner in queued:
+            owners.setdefault(owner, name)
+    return list(owners.items())
 
 
 @dataclass(frozen=True, slots=True)
