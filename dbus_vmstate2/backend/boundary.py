@@ -8,7 +8,6 @@ gets only a generic message, never a traceback or ``str(exc)``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -18,6 +17,7 @@ from typing import Any
 from dbus_fast import DBusError
 
 from ..errors import BackendFailed, ErrorName, VMStateError
+from .workers import Workers
 
 log = logging.getLogger("dbus_vmstate2.backend")
 
@@ -39,9 +39,9 @@ def dbus_errors(what: str) -> Iterator[None]:
         ) from exc
 
 
-async def call_daemon(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+async def call_daemon(what: str, workers: Workers, fn: Callable[..., Any], *args: Any) -> Any:
     """Run the daemon's callable ``fn``: awaited if it is a coroutine
-    function, else in a worker thread so the bus stays responsive.
+    function, else in one of ``workers`` so the bus stays responsive.
 
     Raises:
         VMStateError: whatever typed error the daemon raised, unchanged.
@@ -50,7 +50,7 @@ async def call_daemon(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
-        return await asyncio.to_thread(fn, *args)
+        return await workers.run(fn, *args)
     except VMStateError:
         raise
     except Exception as exc:
