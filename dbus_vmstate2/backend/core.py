@@ -45,7 +45,7 @@ from ..errors import BackendFailed, Busy, InvalidState, Unsupported, VMStateErro
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
 from ..states import Event, State, next_state
 from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression
-from .boundary import call_daemon, log
+from .boundary import call_daemon, log, log_exception
 from .channel import Channel
 from .fdguard import FdGuard
 from .inline import decode_inline, encode_inline
@@ -307,7 +307,7 @@ class Backend:
         except VMStateError as exc:
             self._finish(transfer, Event.FAILED, exc)
         except BaseException as exc:
-            log.exception("%s #%d failed", transfer.operation, transfer.number)
+            log_exception(f"{transfer.operation} #{transfer.number} failed", exc)
             error = BackendFailed(f"{transfer.operation} failed with an internal error ({type(exc).__name__}); see the back-end's log")
             self._finish(transfer, on_bug, error)
             if not isinstance(exc, Exception):
