@@ -3,10 +3,11 @@
 Theory of operation: a daemon builds a :class:`Backend` with its Id, a save
 callable and a load callable, and awaits :meth:`Backend.start` once, *before*
 it sandboxes itself.  That connects to the bus, exports ``/org/qemu/VMState1``
-with org.qemu.VMState1 and org.qemu.VMState2, and queues on both bus names.
-From then on the library opens no socket or file of its own: QEMU or the
-dbus-vmstate2 VMM helper drives it over that one connection, and the state
-moves through fds that arrive on it.
+with org.qemu.VMState1 and org.qemu.VMState2, and queues on both bus names;
+it also starts the back-end's worker threads and warms up the codecs
+(:mod:`.workers`).  From then on the library opens no socket or file and
+starts no thread of its own: QEMU or the dbus-vmstate2 VMM helper drives it
+over that one connection, and the state moves through fds that arrive on it.
 
 The daemon's callables:
 
@@ -14,7 +15,7 @@ The daemon's callables:
   bytes-like records (each at most ``stream.MAX_RECORD_SIZE``).  It may be a
   coroutine function (awaited on the loop: take a consistent snapshot there)
   or a plain function (run in a worker thread); the iterable is consumed in
-  the transfer's worker threads, one record at a time.  A record must not
+  the transfer's worker thread, one record at a time.  A record must not
   change once yielded, until the save has ended: it is written while the
   next one is made (yield fresh bytes, or views of a snapshot).
 * ``load(records)`` is a plain function, run in the transfer's worker
@@ -44,7 +45,7 @@ from ..errors import BackendFailed, Busy, InvalidState, Unsupported, VMStateErro
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
 from ..states import Event, State, next_state
 from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression
-from .boundary import call_daemon, log
+from .boundary import call_daemon, log, log_exception
 from .channel import Channel
 from .fdguard import FdGuard
 from .inline import InlineMode, decode_inline, encode_inline
@@ -52,6 +53,7 @@ from .records import SaveResult, iter_records
 from .transfers import LoadOutcome, Progress, SaveOptions, load_stream, save_stream
 from .vmstate1 import VMState1Interface
 from .vmstate2 import VMState2Interface
+from .workers import Workers
 
 SaveCallable: TypeAlias = Callable[[], SaveResult | Awaitable[SaveResult]]
 LoadCallable: TypeAlias = Callable[[Iterator[bytes]], Any]
@@ -113,6 +115,7 @@ class Backend:
         self._compression = compression
         self._inline_mode = InlineMode(vmstate1)
         self._bus: MessageBus | None = None
+        self._workers = Workers()
         self._vmstate2 = VMState2Interface(self)
         self.state = State.RUNNING
         self._transfer: Transfer | None = None
@@ -127,7 +130,9 @@ class Backend:
         return self._bus.unique_name
 
     async def start(self) -> None:
-        """Connect, export the object and queue on the bus names.
+        """Start the worker threads, connect, export the object and queue on
+        the bus names: everything the back-end will need, so that the daemon
+        may sandbox itself as soon as this returns.
 
         A queued name request is success: QEMU enumerates every queued
         owner.  A name the bus's policy refuses is logged with what still
@@ -138,7 +143,16 @@ class Backend:
         Raises:
             OSError, dbus_fast.AuthError, ...: the bus cannot be reached.
             PermissionError: the bus's policy refuses every name we need.
+            RuntimeError: already started, or a thread cannot be started.
         """
+        await self._workers.start()
+        try:
+            self._bus = await self._register()
+        except BaseException:
+            self._workers.shutdown()
+            raise
+
+    async def _register(self) -> MessageBus:
         if self._address is None:
             bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
         else:
@@ -156,8 +170,8 @@ class Backend:
         except BaseException:
             bus.disconnect()
             raise
-        self._bus = bus
         log.info("back-end %r is %s (%s)", self.id, bus.unique_name, ", ".join(f"{n}: {r}" for n, r in queued.items()))
+        return bus
 
     async def _request_names(self, bus: MessageBus, names: list[str]) -> dict[str, str]:
         """Queue on ``names``; return how each request went, refusals logged."""
@@ -180,10 +194,12 @@ class Backend:
         return outcome
 
     async def stop(self) -> None:
-        """Cancel a running transfer and leave the bus; safe to call more than once."""
+        """Cancel a running transfer, leave the bus and let the worker threads
+        end; safe to call more than once."""
         self.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._workers.shutdown()
         if self._bus is not None and self._bus.connected:
             self._bus.disconnect()
             await self._bus.wait_for_disconnect()
@@ -292,8 +308,10 @@ class Backend:
 
     async def _run_save(self, transfer: Transfer, options: SaveOptions) -> None:
         async def work() -> None:
-            state = await call_daemon("save", self._save)
-            await self._in_thread(transfer, save_stream, transfer.channel, self.id, state, options, transfer.progress)
+            state = await call_daemon("save", self._workers, self._save)
+            await self._in_thread(
+                transfer, save_stream, transfer.channel, self.id, state, options, transfer.progress, self._workers.submit
+            )
 
         await self._run(transfer, work, on_bug=Event.FAILED)
 
@@ -304,12 +322,11 @@ class Backend:
         # A bug of ours in mid-load may have handed the daemon bad records.
         await self._run(transfer, work, on_bug=Event.LOAD_BROKE)
 
-    @staticmethod
-    async def _in_thread(transfer: Transfer, fn: Callable[..., None], *args: Any) -> None:
+    async def _in_thread(self, transfer: Transfer, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn`` in a worker thread; if we are cancelled (the loop is
         shutting down), cancel the channel and wait for the thread, so that
         the fd is never closed under it."""
-        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        future = asyncio.ensure_future(self._workers.run(fn, *args))
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -327,7 +344,7 @@ class Backend:
         except VMStateError as exc:
             self._finish(transfer, Event.FAILED, exc)
         except BaseException as exc:
-            log.exception("%s #%d failed", transfer.operation, transfer.number)
+            log_exception(f"{transfer.operation} #{transfer.number} failed", exc)
             error = BackendFailed(f"{transfer.operation} failed with an internal error ({type(exc).__name__}); see the back-end's log")
             self._finish(transfer, on_bug, error)
             if not isinstance(exc, Exception):
@@ -396,8 +413,8 @@ class Backend:
 
         async def work() -> None:
             nonlocal blob
-            state = await call_daemon("save", self._save)
-            blob = await call_daemon("save", self._encode_inline, state)
+            state = await call_daemon("save", self._workers, self._save)
+            blob = await call_daemon("save", self._workers, self._encode_inline, state)
             transfer.progress.stream_bytes = len(blob)
 
         await self._run(transfer, work, on_bug=Event.FAILED)
@@ -409,9 +426,9 @@ class Backend:
         transfer = self._open("load", Event.LOAD)
 
         async def work() -> None:
-            records = await asyncio.to_thread(decode_inline, self.id, blob, self._inline_mode)
+            records = await self._workers.run(decode_inline, self.id, blob, self._inline_mode)
             try:
-                await call_daemon("load", self._load, iter(records))
+                await call_daemon("load", self._workers, self._load, iter(records))
             except VMStateError as exc:
                 raise LoadOutcome(exc) from exc
             progress = transfer.progress

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +72,23 @@ class SaveOptions:
         return options
 
 
-def save_stream(channel: Channel, backend_id: str, state: SaveResult, options: SaveOptions, progress: Progress) -> None:
+def save_stream(
+    channel: Channel,
+    backend_id: str,
+    state: SaveResult,
+    options: SaveOptions,
+    progress: Progress,
+    submit: Callable[..., Future[None]],
+) -> None:
     """Encode ``state`` and write the whole stream into ``channel``.
 
     Encoding (CRC-32 or zstd) of one record overlaps the write of the one
     before, in a second thread: both release the GIL, and each alone takes
     about half of a save's time.  At most two records are in flight.
+
+    Args:
+        submit: runs a write in another thread (the back-end's workers'
+            ``submit``; no thread is made per save).
 
     Raises:
         Cancelled, VMStateError: the channel was cancelled or broke.
@@ -85,20 +96,22 @@ def save_stream(channel: Channel, backend_id: str, state: SaveResult, options: S
     """
     encoder = StreamEncoder(backend_id, compression=options.compression, level=options.level, workers=options.workers)
     records = iter_records(state)
-    with ThreadPoolExecutor(1, thread_name_prefix="vmstate2-write") as writer:
-        pending = writer.submit(_write, channel, encoder.start(), progress)
-        try:
-            while (record := _next_record(records)) is not None:
-                chunks = encoder.record(record)
-                pending.result()
-                pending = writer.submit(_write, channel, chunks, progress)
-                progress.records += 1
-                progress.raw_bytes += nbytes(record)
-            chunks = encoder.finish()
+    pending = submit(_write, channel, encoder.start(), progress)
+    try:
+        while (record := _next_record(records)) is not None:
+            chunks = encoder.record(record)
             pending.result()
-        except BaseException:
-            channel.cancel()  # unblock a pending write before the pool waits for it
-            raise
+            pending = submit(_write, channel, chunks, progress)
+            progress.records += 1
+            progress.raw_bytes += nbytes(record)
+        chunks = encoder.finish()
+        pending.result()
+    except BaseException:
+        # Unblock a pending write and wait for it: the channel is closed
+        # once we return, and the write must not outlive it.
+        channel.cancel()
+        wait([pending])
+        raise
     _write(channel, chunks, progress)
 
 

@@ -3,9 +3,12 @@
 It serves deterministic bytes (``--size N --seed S``) or exactly the bytes
 of a file (``--state-file F``), and can write what it receives by Load to a
 file (``--save-loaded F``), so that tests, the demo and the benchmarks can
-check a migration byte for byte.  Once registered it prints one line,
-``READY <unique bus name>``, on standard output.  It runs until SIGTERM,
-SIGINT or the loss of its bus.
+check a migration byte for byte.  With ``--sandbox`` it loads a seccomp
+filter right after registering that kills it on any open, socket, exec or
+new thread (``--sandbox=threads``: new threads allowed, for Save's workers
+option; :mod:`.sandbox`, needs the pyseccomp package).  Once registered it
+prints one line, ``READY <unique bus name>``, on standard output.  It runs
+until SIGTERM, SIGINT or the loss of its bus.
 
     python -m dbus_vmstate2.examples.memstate --address ADDR --id ID --size 1M --seed 1
 """
@@ -23,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..backend import Backend, InlineMode, ThreadedBackend
+from .sandbox import apply_kill_filter
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -101,15 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--vmstate1", choices=[m.value for m in InlineMode], default=InlineMode.STREAM.value,
         help="serve QEMU's VMState1 with a stream blob (default), a raw legacy blob, or not at all (off)",
     )
+    parser.add_argument(
+        "--sandbox", nargs="?", const="strict", choices=["strict", "threads"],
+        help="after registering, load a seccomp filter that kills the process on open, socket, exec or a new "
+        "thread (=threads: new threads allowed, as a Save with workers needs); needs pyseccomp",
+    )
     return parser
+
+
+def _sandbox(mode: str) -> None:
+    try:
+        apply_kill_filter(allow_threads=mode == "threads")
+    except ImportError as exc:
+        raise SystemExit(f"--sandbox needs the pyseccomp package and libseccomp: {exc}") from None
+    logging.info("sandboxed: open, socket, exec%s now kill this process", "" if mode == "threads" else " and new threads")
 
 
 def _print_ready(unique_name: str) -> None:
     print(f"READY {unique_name}", flush=True)
 
 
-async def _serve_asyncio(backend: Backend) -> None:
+async def _serve_asyncio(backend: Backend, sandbox: str | None) -> None:
     await backend.start()
+    if sandbox:
+        _sandbox(sandbox)
     _print_ready(backend.unique_name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -123,7 +142,7 @@ async def _serve_asyncio(backend: Backend) -> None:
     await closed
 
 
-def _serve_threaded(backend: ThreadedBackend) -> None:
+def _serve_threaded(backend: ThreadedBackend, sandbox: str | None) -> None:
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -133,6 +152,8 @@ def _serve_threaded(backend: ThreadedBackend) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     backend.start()
+    if sandbox:
+        _sandbox(sandbox)
     _print_ready(backend.unique_name)
     while not stop and not backend.wait_closed(timeout=0.2):
         pass
@@ -140,7 +161,10 @@ def _serve_threaded(backend: ThreadedBackend) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sandbox and args.save_loaded is not None:
+        parser.error("--save-loaded writes a file, which --sandbox forbids")
     logging.basicConfig(level=logging.INFO, format=f"memstate[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if args.state_file is not None:
         state = bytearray(args.state_file.read_bytes())
@@ -149,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     memstate = MemState(state, args.save_loaded)
     options = {"address": args.address, "vmstate1": args.vmstate1}
     if args.threaded:
-        _serve_threaded(ThreadedBackend(args.id, memstate.save, memstate.load, **options))
+        _serve_threaded(ThreadedBackend(args.id, memstate.save, memstate.load, **options), args.sandbox)
     else:
-        asyncio.run(_serve_asyncio(Backend(args.id, memstate.save, memstate.load, **options)))
+        asyncio.run(_serve_asyncio(Backend(args.id, memstate.save, memstate.load, **options), args.sandbox))
     return 0
 
 
