@@ -243,7 +243,7 @@ class Backend:
                 if job.control is not None:
                     job.control.wake()
             elif effect is Effect.STOP_COPY and job is not None and job.control is not None:
-                job.control.request_stop_copy()
+                job.control.request_stop_copy(self._workers.submit, self._daemon)
             elif effect is Effect.RESUME_DAEMON:
                 self._resume_daemon()
             elif effect is Effect.FINISHED and job is not None:
@@ -252,11 +252,10 @@ class Backend:
 
     def _resume_daemon(self) -> None:
         job = self._job
-        if job is None or job.control is None or not job.control.quiesced:
+        if job is None or job.control is None:
             return  # never quiesced: nothing to resume
-        job.control.quiesced = False
         try:
-            self._daemon.resume()  # type: ignore[union-attr] - only iterative daemons quiesce
+            job.control.resume(self._daemon)  # type: ignore[arg-type] - only iterative daemons quiesce
         except Exception as exc:
             log_exception(f"back-end {self.id!r}: the daemon's resume() raised; it may still be quiesced", exc)
 

@@ -9,13 +9,14 @@ The stream is the one of docs/stream-format.md, written in phases on one fd:
 2. rounds of what changed meanwhile (DIRTY records from ``dirty_records``),
    one after another, paced so that an idle daemon does not spin;
 3. once the VMM asks for stop-copy (:meth:`PreCopyControl.request_stop_copy`)
-   the daemon is quiesced at the next record boundary, one last round sends
-   what changed up to then, and the trailer ends the stream.
+   the daemon is quiesced at once in a spare worker thread (this one may be
+   blocked on a full pipe); once it is, one last round sends what changed up
+   to then, and the trailer ends the stream.
 
 Cancel works through the channel (every write raises Cancelled) and wakes a
 pacing wait at once.  Whatever happens, ``precopy_end`` is called; the
-daemon is never resumed here: the state machine decides that
-(``Effect.RESUME_DAEMON``), using :attr:`PreCopyControl.quiesced`.
+daemon is resumed only when the state machine says so
+(``Effect.RESUME_DAEMON``, :meth:`PreCopyControl.resume`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..stream import RecordType, StreamEncoder
 from .channel import Channel
 from .daemon import PreCopyDaemon
 from .records import BytesLike, iter_records, nbytes
+from .boundary import daemon_failed
 from .transfers import Progress, SaveOptions, Writer, next_record
 
 ROUND_INTERVAL = 0.05
@@ -37,29 +39,70 @@ round has a whole record to send: rounds of a few bytes would only spin."""
 
 
 class PreCopyControl:
-    """What the loop and the worker thread of one iterative save share."""
+    """What the loop, the transfer's worker thread and the quiescing thread
+    of one iterative save share."""
 
     def __init__(self, on_initial_sent: Callable[[], None]) -> None:
-        self._on_initial_sent = on_initial_sent
-        self._stop_copy = threading.Event()
+        self.on_initial_sent = on_initial_sent
+        self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stop_copy = False
+        self._quiesced = threading.Event()
+        self._abandoned = False
+        self.quiesce_error: BaseException | None = None
         self.rounds = 0
         """Rounds of changed data written so far (read by Pending)."""
-        self.quiesced = False
-        """True from the daemon's quiesce() until the adapter resumes it."""
 
-    def request_stop_copy(self) -> None:
-        """StopCopy: quiesce at the next record boundary and finish."""
-        self._stop_copy.set()
+    @property
+    def quiesced(self) -> bool:
+        """True once the daemon's quiesce() has returned (and until resume)."""
+        return self._quiesced.is_set()
+
+    def request_stop_copy(self, run: Callable[..., object], daemon: PreCopyDaemon) -> None:
+        """StopCopy: quiesce the daemon at once, with ``run`` (a spare worker
+        thread: the transfer's own may be blocked on a full pipe), so that its
+        state stops changing when the VM stops; the worker then sends the last
+        round and the trailer."""
+        self._stop_copy = True
+        run(self._quiesce, daemon)
+
+    def _quiesce(self, daemon: PreCopyDaemon) -> None:
+        try:
+            daemon.quiesce()
+        except BaseException as exc:
+            self.quiesce_error = exc
+        else:
+            with self._lock:
+                self._quiesced.set()
+                abandoned = self._abandoned
+            if abandoned:  # the transfer ended while we quiesced: serve again
+                self.resume(daemon)
         self._wake.set()
+
+    def resume(self, daemon: PreCopyDaemon) -> None:
+        """Let the daemon serve again (Effect.RESUME_DAEMON); a quiesce still
+        under way resumes it as soon as it ends."""
+        with self._lock:
+            if not self._quiesced.is_set():
+                self._abandoned = self._stop_copy
+                return
+            self._quiesced.clear()
+        daemon.resume()
 
     def wake(self) -> None:
         """Cut a pacing wait short (Cancel: the next write raises)."""
         self._wake.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop_copy.is_set()
+    def final_round(self) -> bool:
+        """True once the daemon is quiesced: the next round is the last.
+
+        Raises:
+            BackendFailed: the daemon's quiesce() raised.
+        """
+        if self.quiesce_error is not None:
+            error = self.quiesce_error
+            raise daemon_failed("quiesce", error) if isinstance(error, Exception) else error
+        return self._quiesced.is_set()
 
     def pause(self, seconds: float) -> None:
         if seconds > 0 and self._wake.wait(seconds):
@@ -87,14 +130,14 @@ def precopy_stream(
     daemon.precopy_start()
     try:
         writer.put(encoder.start())
-        _send(writer, encoder, daemon, daemon.initial_records(), RecordType.DATA, control)
-        writer.put(encoder.record(b"", RecordType.END_OF_INITIAL))
+        _send(writer, encoder, daemon.initial_records(), RecordType.DATA)
+        writer.put(encoder.record(b"", RecordType.END_OF_INITIAL), raw=0)
         writer.flush()
-        control._on_initial_sent()
+        control.on_initial_sent()
         while True:
-            final = _quiesce_if_asked(daemon, control)
+            final = control.final_round()
             started = time.monotonic()
-            sent = _send(writer, encoder, daemon, daemon.dirty_records(), RecordType.DIRTY, control)
+            sent = _send(writer, encoder, daemon.dirty_records(), RecordType.DIRTY)
             if sent:
                 control.rounds += 1
             if final:
@@ -110,24 +153,11 @@ def precopy_stream(
         daemon.precopy_end()
 
 
-def _send(
-    writer: Writer, encoder: StreamEncoder, daemon: PreCopyDaemon, records: Iterable[BytesLike],
-    kind: RecordType, control: PreCopyControl,
-) -> int:
-    """Write ``records`` as ``kind``; return their raw bytes.  Quiesces the
-    daemon at a record boundary as soon as stop-copy is asked for."""
+def _send(writer: Writer, encoder: StreamEncoder, records: Iterable[BytesLike], kind: RecordType) -> int:
+    """Write the daemon's ``records`` as ``kind``; return their raw bytes."""
     sent = 0
     records = iter_records(records if not isinstance(records, bytes | bytearray | memoryview) else [records])
     while (record := next_record(records)) is not None:
         writer.put(encoder.record(record, kind), raw=nbytes(record))
         sent += nbytes(record)
-        _quiesce_if_asked(daemon, control)
     return sent
-
-
-def _quiesce_if_asked(daemon: PreCopyDaemon, control: PreCopyControl) -> bool:
-    """Quiesce the daemon once stop-copy is asked for; True once quiesced."""
-    if control.stopping and not control.quiesced:
-        daemon.quiesce()
-        control.quiesced = True
-    return control.quiesced
