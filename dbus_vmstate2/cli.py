@@ -242,11 +242,11 @@ class _progress_display:  # noqa: N801 - used as a context manager
         started = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
-            done = sum(self._progress.total.values())
+            done = sum(self._progress.done.values())
             expected = sum(self._progress.expected.values())
             rate = done / max(time.monotonic() - started, 1e-6)
             of = f" of {_size(expected)} ({100 * done / expected:.0f}%)" if expected else ""
-            print(f"\r{self._verb} {len(self._progress.total)} back-end(s): {_size(done)}{of}, {_size(int(rate))}/s  ",
+            print(f"\r{self._verb} {self._progress.backends} back-end(s): {_size(done)}{of}, {_size(int(rate))}/s  ",
                   end="", file=sys.stderr, flush=True)
 
 
