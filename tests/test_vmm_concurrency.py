@@ -14,7 +14,7 @@ from dbus_vmstate2.backend import Backend
 from dbus_vmstate2.cli import EXIT_BACKEND_FAILED, main
 from dbus_vmstate2.errors import Busy
 from dbus_vmstate2.examples.memstate import deterministic_state
-from dbus_vmstate2.vmm import Progress, describe, list_backends, save_to_file
+from dbus_vmstate2.vmm import describe, list_backends, save_to_file
 
 from .test_vmm import backend_state, cli, growing_temp_file, run_cli, temp_files, wait_for
 

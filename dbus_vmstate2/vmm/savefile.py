@@ -347,6 +347,16 @@ class SaveFileReader:
         self.close()
 
 
+def read_index(path: str | os.PathLike[str]) -> list[StreamInfo]:
+    """Check a saved file's header, footer and index, and return the index.
+
+    Raises:
+        UnusableFile, StreamError, OSError: as :class:`SaveFileReader`.
+    """
+    with SaveFileReader(path) as reader:
+        return reader.streams
+
+
 def verify_streams(
     reader: SaveFileReader,
     on_data: Callable[[str, int], None] | None = None,

@@ -26,7 +26,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -105,7 +105,7 @@ class Outcome:
             raise from_dbus_error(self.error_name, self.message)
 
 
-class _FinishedSignals:
+class FinishedSignals:
     """Records every TransferFinished outcome and wakes the waiters."""
 
     RULE = f"type='signal',interface='{VMSTATE2}',member='TransferFinished'"
@@ -115,7 +115,7 @@ class _FinishedSignals:
         self._events: dict[str, asyncio.Event] = {}
         self._outcomes: dict[tuple[str, int], Outcome] = {}
 
-    async def __aenter__(self) -> _FinishedSignals:
+    async def __aenter__(self) -> FinishedSignals:
         self._bus.add_message_handler(self._on_message)
         await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
         return self
@@ -197,7 +197,7 @@ class _Operation:
     def __init__(self, bus: MessageBus, backends: Sequence[BackendInfo]) -> None:
         self.bus = bus
         self.transfers = {b.unique_name: _Transfer(b) for b in backends}
-        self.signals = _FinishedSignals(bus)
+        self.signals = FinishedSignals(bus)
         self._stopping = False
 
     async def start(self, backend: BackendInfo, member: str, fd: int, options: dict[str, Variant]) -> int:
@@ -264,11 +264,11 @@ class _Operation:
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             except asyncio.CancelledError:
-                await wait_regardless(asyncio.ensure_future(self._stop_and_wait(tasks)))
+                await self._stop_and_wait(tasks)
                 raise
             failed = [t.exception() for t in tasks if t.done() and t.exception() is not None]
             if failed:
-                await wait_regardless(asyncio.ensure_future(self._stop_and_wait(tasks)))
+                await self._stop_and_wait(tasks)
                 raise failed[0]
             return [t.result() for t in tasks]
         finally:
@@ -277,8 +277,16 @@ class _Operation:
                     task.exception()
 
     async def _stop_and_wait(self, tasks: list[asyncio.Task[Any]]) -> None:
-        await self.stop()
-        await asyncio.wait(tasks)
+        """Stop our transfers and wait for every job; not cut short by a cancellation."""
+
+        async def stop_and_wait() -> None:
+            await self.stop()
+            await asyncio.wait(tasks)
+
+        cleanup = asyncio.ensure_future(stop_and_wait())
+        await wait_regardless(cleanup)
+        if not cleanup.cancelled():
+            cleanup.exception()  # stop() already ignores a back-end that is gone
 
 
 async def wait_regardless(future: asyncio.Future[Any]) -> None:
@@ -396,7 +404,7 @@ async def _save_one(
     return info
 
 
-async def _reported_failure(signals: _FinishedSignals, backend: BackendInfo, number: int) -> None:
+async def _reported_failure(signals: FinishedSignals, backend: BackendInfo, number: int) -> None:
     """Raise the back-end's own error for transfer ``number``, if it reports one soon."""
     try:
         await asyncio.wait_for(signals.wait_finished(backend, number), 5.0)
