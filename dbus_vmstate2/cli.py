@@ -27,7 +27,20 @@ from dbus_fast import Variant
 from . import entry
 from .errors import StreamError, VMStateError
 from .stream.container import StreamInfo
-from .vmm import Progress, Session, describe, load_from_file, open_session, save_to_file
+from .vmm import (
+    CancelReport,
+    Progress,
+    ResetReport,
+    Session,
+    StatusReport,
+    cancel_latest,
+    describe,
+    load_from_file,
+    open_session,
+    reset,
+    save_to_file,
+    status,
+)
 from .vmm.savefile import SaveFileReader, read_index, save_target, verify_streams
 
 T = TypeVar("T")
@@ -73,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
+    _add_status(sub)
     _add_save(sub)
     _add_load(sub)
+    _add_cancel(sub)
+    _add_reset(sub)
     _add_inspect(sub)
     return parser
 
@@ -267,7 +283,7 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
             raise KeyboardInterrupt from None
 
 
-# list --------------------------------------------------------------------
+# list, status --------------------------------------------------------------------
 
 
 def _add_list(sub: argparse._SubParsersAction) -> None:
@@ -301,6 +317,65 @@ def cmd_list(args: argparse.Namespace) -> int:
     _out(_columns(lines))
     if not statuses:
         _out("(no back-ends on this bus)")
+    return EXIT_OK
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status", help="show each back-end's state and latest transfer",
+        description="Show each back-end's State and its latest transfer (from Check): its number, whether it "
+        "is running, its counters, or the error it failed with.",
+    )
+    _add_bus_options(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def run(session: Session) -> list[StatusReport]:
+        return [await status(session.bus, b) for b in session.backends]
+
+    reports = _on_bus(args, run)
+    if args.json:
+        _json([_status_doc(r) for r in reports])
+    else:
+        lines = [["ID", "NAME", "STATE", "LATEST TRANSFER"]]
+        lines += [[r.id, r.unique_name, r.state, _transfer_text(r)] for r in reports]
+        _out(_columns(lines))
+        if not reports:
+            _out("(no back-ends on this bus)")
+    return _exit_code_of(r.error for r in reports)
+
+
+def _status_doc(r: StatusReport) -> dict[str, Any]:
+    transfer = None
+    if r.transfer is not None:
+        t = r.transfer
+        transfer = {
+            "number": t.number, "finished": t.finished, "records": t.records, "raw_bytes": t.raw_bytes,
+            "stream_bytes": t.stream_bytes, "error": _error_doc(t.error) if t.error else None,
+        }  # fmt: skip
+    return {"id": r.id, "unique_name": r.unique_name, "state": r.state, "transfer": transfer,
+            "error": _error_doc(r.error) if r.error else None}  # fmt: skip
+
+
+def _transfer_text(r: StatusReport) -> str:
+    if r.error is not None:
+        return f"cannot ask it: {r.error}"
+    t = r.transfer
+    if t is None:
+        return "none yet" if r.state != "vmstate1-only" else "-"
+    if t.error is not None:
+        return f"failed: {type(t.error).__name__}: {t.error}"
+    counters = f"{t.records} records, {_size(t.raw_bytes or 0)} of state, {_size(t.stream_bytes or 0)} of stream"
+    return f"#{t.number} {'done' if t.finished else 'running'}: {counters}"
+
+
+def _exit_code_of(errors: Any) -> int:
+    """The exit code of the first error of a per-back-end command, 0 if none."""
+    for error in errors:
+        if error is not None:
+            return exit_code_for(error) or EXIT_BACKEND_FAILED
     return EXIT_OK
 
 
@@ -456,6 +531,81 @@ def progress_line(progress: Progress, file: str, now: float) -> str:
     if progress.expected and rate > 0 and done < total:
         parts.append(f"ETA {_duration((total - done) / rate)}")
     return f"{what}: {', '.join(parts)}"
+
+
+# cancel, reset ------------------------------------------------------------------
+
+
+def _add_cancel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cancel", help="stop the back-ends' running transfers, whoever started them",
+        description="Stop the running transfer of each back-end (CancelTransfer with its number, from Check), "
+        "whichever VMM helper started it, and wait up to --wait seconds for it to end. Each back-end keeps "
+        "its state.",
+    )
+    _add_bus_options(p)
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="how long to wait for each to end (default 10)")
+    _add_json(p)
+    p.set_defaults(func=cmd_cancel)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    async def run(session: Session) -> list[CancelReport]:
+        return list(await asyncio.gather(*(cancel_latest(session.bus, b, args.wait) for b in session.backends)))
+
+    reports = _on_bus(args, run)
+    if args.json:
+        _json([{"id": r.id, "unique_name": r.unique_name, "transfer": r.transfer, "cancelled": r.cancelled,
+                "outcome": _error_doc(r.outcome) if r.outcome else None, "note": r.note,
+                "error": _error_doc(r.error) if r.error else None} for r in reports])  # fmt: skip
+    else:
+        for r in reports:
+            _out(f"{r.id}: {_cancel_text(r)}")
+        if not reports:
+            _out("(no back-ends on this bus)")
+    return _exit_code_of(r.error for r in reports)
+
+
+def _cancel_text(r: CancelReport) -> str:
+    if r.error is not None:
+        return f"cannot cancel: {r.error}"
+    if not r.cancelled:
+        return r.note
+    ended = f"it ended: {type(r.outcome).__name__}" if r.outcome else r.note or "it ended without an error"
+    return f"cancelled transfer #{r.transfer} ({ended})"
+
+
+def _add_reset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reset", help="return back-ends from 'error' to 'running'",
+        description="Call Reset on each back-end: the way out of 'error', saying that you know its state may be "
+        "bad (you will load it again or give it up). A back-end in 'running' is left as it is; one in the "
+        "middle of a transfer refuses (cancel it first).",
+    )
+    _add_bus_options(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_reset)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    async def run(session: Session) -> list[ResetReport]:
+        return [await reset(session.bus, b) for b in session.backends]
+
+    reports = _on_bus(args, run)
+    if args.json:
+        _json([{"id": r.id, "unique_name": r.unique_name, "before": r.before, "after": r.after,
+                "error": _error_doc(r.error) if r.error else None} for r in reports])  # fmt: skip
+    else:
+        for r in reports:
+            if r.error is not None:
+                _out(f"{r.id}: not reset ({r.before}): {type(r.error).__name__}: {r.error}")
+            elif r.before == r.after:
+                _out(f"{r.id}: {r.after} (nothing to reset)")
+            else:
+                _out(f"{r.id}: {r.before} -> {r.after}")
+        if not reports:
+            _out("(no back-ends on this bus)")
+    return _exit_code_of(r.error for r in reports)
 
 
 # inspect ------------------------------------------------------------------------

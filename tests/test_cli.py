@@ -50,7 +50,7 @@ def test_save_and_load_on_a_bus_with_no_backends_say_so(bus_address, sources, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.vmstate"]
 
 
-@pytest.mark.parametrize("command", ["list"])
+@pytest.mark.parametrize("command", ["list", "status", "cancel", "reset"])
 def test_the_other_commands_report_an_empty_bus(bus_address, capsys, command):
     assert cli(bus_address, command) == EXIT_OK
     assert capsys.readouterr().out.splitlines()[-1] == "(no back-ends on this bus)"
@@ -138,7 +138,8 @@ def test_every_command_exits_quietly_on_a_closed_stdout(bus_address, sources, tm
     image = tmp_path / "vm.vmstate"
     bus = ["--address", bus_address]
     for args in (["save", "--json", str(image), *bus], ["inspect", "--json", str(image)], ["inspect", str(image)],
-                 ["load", str(image), *bus], ["list", *bus]):  # fmt: skip
+                 ["load", str(image), *bus], ["list", *bus], ["status", "--json", *bus], ["cancel", *bus],
+                 ["reset", *bus]):  # fmt: skip
         done = closed_stdout_run(*args)
         assert (done.returncode, done.stderr) == (141, ""), args
     assert image.exists()  # the save was done; only its report was lost
