@@ -60,7 +60,7 @@ def test_cancel_stops_another_helpers_stuck_transfer(bus_address, held_save, tmp
     capsys.readouterr()
     assert cli(bus_address, "cancel") == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert lines == ["small: nothing running (the latest transfer, #1, has ended)", "big: cancelled transfer #1 (it ended: Cancelled)"]
+    assert lines == ["small: nothing running (transfer #1 has ended)", "big: cancelled transfer #1 (it ended: Cancelled)"]
     assert backend_state(bus_address, backends["big"]) == "running"
     after = status(bus_address, capsys)
     assert after["big"]["transfer"]["error"]["type"] == "Cancelled"
@@ -71,7 +71,10 @@ def test_cancel_stops_another_helpers_stuck_transfer(bus_address, held_save, tmp
     assert not temp_files(tmp_path)
     # Nothing is left to cancel.
     assert cli(bus_address, "cancel", "--json") == EXIT_OK
-    assert [(e["id"], e["cancelled"]) for e in json.loads(capsys.readouterr().out)] == [("small", False), ("big", False)]
+    assert [(e["id"], e["cancelled"], e["note"]) for e in json.loads(capsys.readouterr().out)] == [
+        ("small", False, "nothing running (transfer #1 has ended)"),
+        ("big", False, "nothing running (the latest transfer failed: Cancelled)"),
+    ]
 
 
 def test_cancel_json(bus_address, held_save, capsys):

@@ -124,9 +124,10 @@ async def cancel_latest(bus: MessageBus, backend: BackendInfo, wait: float = 10.
                 raise
             if latest is None:
                 return replace(report, note="no transfer yet")
+            if latest.error is not None:
+                return replace(report, note=f"nothing running (the latest transfer failed: {type(latest.error).__name__})")
             if latest.finished or latest.number is None:
-                which = f"#{latest.number}" if latest.number is not None else "(failed)"
-                return replace(report, note=f"nothing running (the latest transfer, {which}, has ended)")
+                return replace(report, note=f"nothing running (transfer #{latest.number} has ended)")
             [cancelled] = await call(bus, backend.unique_name, VMSTATE2, "CancelTransfer", "t", [latest.number])
             if not cancelled:
                 return replace(report, transfer=latest.number, note=f"transfer #{latest.number} ended before it could be cancelled")
