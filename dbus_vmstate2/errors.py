@@ -160,3 +160,8 @@ class BusLost(VMStateError):
 
 class DiscoveryError(VMStateError):
     """The back-ends on the bus are not the ones asked for (missing or duplicate Ids)."""
+
+
+class NoBackends(DiscoveryError):
+    """No back-end to act on: nothing is queued on org.qemu.VMState1 (or
+    nothing was asked for)."""
