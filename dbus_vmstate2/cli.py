@@ -2,8 +2,11 @@
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its
 arguments and sets ``func`` to a ``cmd_<name>(args) -> int`` handler; the
-handlers raise our typed errors and :func:`main` turns them into exit codes
-in exactly one place (:func:`exit_code_for`).
+handlers raise our typed errors and :func:`main` turns every exception into
+an exit code in exactly one place (:func:`exit_code_for`).  The work on the
+bus is in :mod:`dbus_vmstate2.vmm`; SIGINT and SIGTERM are caught by
+:mod:`dbus_vmstate2.entry`, the installed command's entry point, which runs
+this module's :func:`main`.
 """
 
 from __future__ import annotations
@@ -11,29 +14,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from importlib import metadata
+from typing import Any, TypeVar
 
 from dbus_fast import Variant
 
+from . import entry
 from .errors import StreamError, VMStateError
 from .stream.container import StreamInfo
-from .vmm import BackendInfo, Progress, connect, describe, list_backends, load_from_file, save_to_file
-from .vmm.savefile import SaveFileReader, verify_streams
+from .vmm import (
+    CancelReport,
+    Progress,
+    ResetReport,
+    Session,
+    StatusReport,
+    cancel_latest,
+    describe,
+    load_from_file,
+    open_session,
+    reset,
+    save_to_file,
+    status,
+)
+from .vmm.savefile import SaveFileReader, read_index, save_target, verify_streams
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_BACKEND_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CORRUPT = 3
-EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
+EXIT_INTERRUPTED = entry.EXIT_INTERRUPTED  # 130, as a shell reports SIGINT
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE  # 141, as a shell reports a tool killed by SIGPIPE
+
+
+class StdoutClosed(Exception):
+    """Standard output was closed before all of the output was written (``| head``)."""
+
 
 # First match wins, so subclasses come before their bases.
 _EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (KeyboardInterrupt, EXIT_INTERRUPTED),  # SIGINT or SIGTERM (see entry.py)
+    (StdoutClosed, EXIT_STDOUT_CLOSED),
     (StreamError, EXIT_CORRUPT),  # a corrupt, truncated or mismatched stream or file
-    (VMStateError, EXIT_BACKEND_FAILED),  # a back-end refused or failed
+    (VMStateError, EXIT_BACKEND_FAILED),  # a back-end refused or failed, or is missing
     (OSError, EXIT_USAGE),  # a file or bus named on the command line cannot be used
 ]
 
@@ -51,37 +80,152 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbus-vmstate2",
         description="List, save, load and inspect the device state of D-Bus VMState back-ends.",
-        epilog="Exit codes: 0 ok, 1 a back-end failed, 2 usage error, 3 corrupt or mismatched stream or file.",
+        epilog="Exit codes: 0 ok, 1 a back-end failed or is missing, 2 usage error or unusable file or bus, "
+        "3 corrupt or mismatched stream or file, 130 interrupted, 141 standard output closed.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
+    _add_status(sub)
     _add_save(sub)
     _add_load(sub)
+    _add_cancel(sub)
+    _add_reset(sub)
     _add_inspect(sub)
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("dbus-vmstate2")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (tests call this directly)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2): argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except BrokenPipeError:  # --help | head -1
+        _silence_stdout()
+        return EXIT_STDOUT_CLOSED
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"dbus-vmstate2 {args.command}: interrupted; the back-ends keep their state", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:
+        code = args.func(args)
+        _flush()
+        if entry.received() is not None:  # it came while the work was ending
+            raise KeyboardInterrupt
+        return code
+    except (KeyboardInterrupt, Exception) as exc:
         code = exit_code_for(exc)
         if code is None:
             raise
-        print(f"dbus-vmstate2 {args.command}: {exc}", file=sys.stderr)
+        _report_failure(args, exc, code)
         return code
 
 
-# list, save, load: the VMM helper on a bus -----------------------------------
+def _report_failure(args: argparse.Namespace, exc: BaseException, code: int) -> None:
+    """One line on stderr; with --json, an error document on stdout too."""
+    if isinstance(exc, StdoutClosed):
+        _silence_stdout()  # nobody reads it: say nothing more
+        return
+    if isinstance(exc, KeyboardInterrupt):
+        signum = entry.received() or signal.SIGINT
+        message = f"interrupted ({signal.Signals(signum).name})"
+    else:
+        message = str(exc) or type(exc).__name__
+    _err(f"dbus-vmstate2 {args.command}: {message}")
+    if getattr(args, "json", False):
+        doc: dict[str, Any] = {"command": args.command}
+        if hasattr(args, "file"):
+            doc["file"] = args.file
+        doc["exit_code"] = code
+        doc["error"] = _error_doc(exc, message)
+        try:
+            _out(json.dumps(doc, indent=2))
+            _flush()
+        except StdoutClosed:
+            _silence_stdout()
+
+
+def _error_doc(exc: BaseException, message: str | None = None) -> dict[str, Any]:
+    if isinstance(exc, KeyboardInterrupt):
+        kind, dbus_name = "Interrupted", None
+    elif isinstance(exc, VMStateError):
+        kind, dbus_name = type(exc).__name__, exc.remote_name or exc.dbus_name.value
+    else:
+        kind, dbus_name = type(exc).__name__, None
+    return {"type": kind, "dbus_name": dbus_name, "message": message if message is not None else str(exc)}
+
+
+# output -----------------------------------------------------------------------
+
+
+def _out(text: str) -> None:
+    """Write a line to stdout.
+
+    Raises:
+        StdoutClosed: nobody reads stdout any more.
+    """
+    try:
+        print(text)
+    except BrokenPipeError as exc:
+        raise StdoutClosed from exc
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise StdoutClosed from exc
+
+
+def _silence_stdout() -> None:
+    # Whatever is still buffered must not fail again when Python exits.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _err(text: str) -> None:
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _columns(lines: list[list[str]]) -> str:
+    """Rows in aligned columns; the last column runs free."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in lines)
+
+
+def _json(doc: object) -> None:
+    _out(json.dumps(doc, indent=2))
+
+
+# running on a bus --------------------------------------------------------------
 
 
 def _add_bus_options(p: argparse.ArgumentParser) -> None:
@@ -92,6 +236,10 @@ def _add_bus_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON for programs instead of text")
+
+
 def _id_list(text: str) -> list[str]:
     ids = [i for i in text.split(",") if i]
     if not ids:
@@ -99,68 +247,180 @@ def _id_list(text: str) -> list[str]:
     return ids
 
 
+def _on_bus(args: argparse.Namespace, work: Callable[[Session], Awaitable[T]], *, require: bool = False) -> T:
+    """Connect, find the back-ends, run ``work``, leave."""
+
+    async def run() -> T:
+        async with open_session(args.address, args.id_list, require=require) as session:
+            return await work(session)
+
+    return _run(run)
+
+
+def _run(work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work`` in an event loop.  A SIGINT or SIGTERM (see entry.py)
+    cancels it, and the operation cleans up before KeyboardInterrupt is raised."""
+    running: list[Any] = []  # the loop and the task, once started
+
+    def cancel() -> None:  # in the main thread, between two bytecodes: only schedule
+        if running:
+            loop, task = running
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop has closed; main() sees entry.received()
+
+    async def main_task() -> T:
+        running[:] = [asyncio.get_running_loop(), asyncio.current_task()]
+        if entry.received() is not None:
+            raise asyncio.CancelledError  # it came before there was a task to cancel
+        return await work()
+
+    with entry.deferred(cancel):
+        try:
+            return asyncio.run(main_task())
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+
+
+# list, status --------------------------------------------------------------------
+
+
 def _add_list(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list the back-ends on a bus", description="List the back-ends queued on org.qemu.VMState1.")
+    p = sub.add_parser(
+        "list", help="list the back-ends on a bus and what they can do",
+        description="List the back-ends queued on org.qemu.VMState1: Id, unique name, State and capabilities.",
+    )
     _add_bus_options(p)
-    p.add_argument("--json", action="store_true", help="print JSON for programs instead of a table")
+    _add_json(p)
     p.set_defaults(func=cmd_list)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print each back-end's Id, unique name, state and capabilities."""
 
-    async def run(bus: Any, backends: list[BackendInfo]) -> list[Any]:
-        return [await describe(bus, b) for b in backends]
+    async def run(session: Session) -> list[Any]:
+        return [await describe(session.bus, b) for b in session.backends]
 
     statuses = _on_bus(args, run)
     if args.json:
-        doc = [{"id": s.id, "unique_name": s.unique_name, "state": s.state, "capabilities": s.capabilities} for s in statuses]
-        print(json.dumps(doc, indent=2))
+        _json([{"id": s.id, "unique_name": s.unique_name, "state": s.state, "capabilities": s.capabilities} for s in statuses])
         return EXIT_OK
     lines = [["ID", "NAME", "STATE", "CAPABILITIES"]]
     for s in statuses:
         caps = s.capabilities
         summary = (
             f"stream v{','.join(map(str, caps.get('stream-versions', [])))}, {'/'.join(caps.get('compression', []))}, "
-            f"records <= {_size(caps.get('max-record-size', 0))}, pre-copy {'yes' if caps.get('pre-copy') else 'no'}"
+            f"records <= {_size(caps.get('max-record-size', 0))}, pre-copy {'yes' if caps.get('pre-copy') else 'no'}, "
+            f"VMState1 {caps.get('vmstate1', 'stream')}"
         ) if caps else "VMState1 only (<= 1 MiB)"
         lines.append([s.id, s.unique_name, s.state, summary])
-    _print_columns(lines)
+    _out(_columns(lines))
     if not statuses:
-        print("(no back-ends on this bus)")
+        _out("(no back-ends on this bus)")
     return EXIT_OK
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status", help="show each back-end's state and latest transfer",
+        description="Show each back-end's State and its latest transfer (from Check): its number, whether it "
+        "is running, its counters, or the error it failed with.",
+    )
+    _add_bus_options(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def run(session: Session) -> list[StatusReport]:
+        return [await status(session.bus, b) for b in session.backends]
+
+    reports = _on_bus(args, run)
+    if args.json:
+        _json([_status_doc(r) for r in reports])
+    else:
+        lines = [["ID", "NAME", "STATE", "LATEST TRANSFER"]]
+        lines += [[r.id, r.unique_name, r.state, _transfer_text(r)] for r in reports]
+        _out(_columns(lines))
+        if not reports:
+            _out("(no back-ends on this bus)")
+    return _exit_code_of(r.error for r in reports)
+
+
+def _status_doc(r: StatusReport) -> dict[str, Any]:
+    transfer = None
+    if r.transfer is not None:
+        t = r.transfer
+        transfer = {
+            "number": t.number, "finished": t.finished, "records": t.records, "raw_bytes": t.raw_bytes,
+            "stream_bytes": t.stream_bytes, "error": _error_doc(t.error) if t.error else None,
+        }  # fmt: skip
+    return {"id": r.id, "unique_name": r.unique_name, "state": r.state, "transfer": transfer,
+            "error": _error_doc(r.error) if r.error else None}  # fmt: skip
+
+
+def _transfer_text(r: StatusReport) -> str:
+    if r.error is not None:
+        return f"cannot ask it: {r.error}"
+    t = r.transfer
+    if t is None:
+        return "none yet" if r.state != "vmstate1-only" else "-"
+    if t.error is not None:
+        return f"failed: {type(t.error).__name__}: {t.error}"
+    counters = f"{t.records} records, {_size(t.raw_bytes or 0)} of state, {_size(t.stream_bytes or 0)} of stream"
+    return f"#{t.number} {'done' if t.finished else 'running'}: {counters}"
+
+
+def _exit_code_of(errors: Any) -> int:
+    """The exit code of the first error of a per-back-end command, 0 if none."""
+    for error in errors:
+        if error is not None:
+            return exit_code_for(error) or EXIT_BACKEND_FAILED
+    return EXIT_OK
+
+
+# save, load ---------------------------------------------------------------------
 
 
 def _add_save(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "save", help="save the back-ends' state to a file",
         description="Save every back-end on the bus (or --id-list) through VMState2, in parallel, into one file. "
-        "The file appears only once every back-end's stream has verified.",
+        "The file appears only once every back-end's stream has verified (a temporary file in the same "
+        "directory, fsynced, renamed), so FILE must be a regular file or a new name: a FIFO, a device, "
+        "a directory or a dangling link is refused; a link to a regular file is followed.",
     )
     p.add_argument("file", help="the file to write (replaced atomically)")
     _add_bus_options(p)
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd", help="default: zstd")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     p.add_argument("--workers", type=int, default=0, help="zstd worker threads per back-end (default 0)")
+    _add_json(p)
     p.set_defaults(func=cmd_save)
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    save_target(args.file)  # before the bus: a refused target touches no back-end
     options = {
         "compression": Variant("s", args.compression),
         "level": Variant("i", args.level),
         "workers": Variant("u", args.workers),
     }
+    progress = Progress()
+    started = time.monotonic()
 
-    async def run(bus: Any, backends: list[BackendInfo]) -> list[Any]:
-        progress = Progress()
-        async with _progress_display("saving", progress):
-            return await save_to_file(bus, backends, args.file, options, progress)
+    async def run(session: Session) -> list[StreamInfo]:
+        async with _ProgressLine(progress, args.file):
+            return await save_to_file(session.bus, session.backends, args.file, options, progress)
 
-    infos = _on_bus(args, run)
-    total = sum(i.raw_bytes for i in infos)
-    stored = sum(i.stream_bytes for i in infos)
-    print(f"saved {len(infos)} back-end(s), {_size(total)} of state in {_size(stored)}, to {args.file}")
+    infos = _on_bus(args, run, require=True)
+    seconds = time.monotonic() - started
+    if args.json:
+        _json(_transfer_doc("save", args.file, infos, progress, seconds))
+    else:
+        total, stored = sum(i.raw_bytes for i in infos), sum(i.stream_bytes for i in infos)
+        _out(f"saved {len(infos)} back-end(s), {_size(total)} of state in {_size(stored)}, to {args.file} in {seconds:.1f} s")
     return EXIT_OK
 
 
@@ -168,7 +428,8 @@ def _add_load(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "load", help="load the back-ends' state from a file",
         description="Load every back-end on the bus (or --id-list) from its stream in a saved file, in parallel. "
-        "Each back-end applies its state only once its stream has verified.",
+        "Each back-end applies its state only once its stream has verified. FILE must be a regular file: "
+        "its index, at its end, is read first (a pipe or <(...) is refused).",
     )
     p.add_argument("file", help="a file written by 'dbus-vmstate2 save'")
     _add_bus_options(p)
@@ -176,57 +437,49 @@ def _add_load(sub: argparse._SubParsersAction) -> None:
         "--no-verify", dest="verify", action="store_false",
         help="skip verifying the whole file before loading (each back-end still verifies its own stream)",
     )
+    _add_json(p)
     p.set_defaults(func=cmd_load)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    async def run(bus: Any, backends: list[BackendInfo]) -> list[Any]:
-        progress = Progress()
-        async with _progress_display("loading", progress):
-            return await load_from_file(bus, backends, args.file, progress, verify=args.verify)
+    read_index(args.file)  # before the bus: a file that cannot be read touches no back-end
+    progress = Progress()
+    started = time.monotonic()
 
-    infos = _on_bus(args, run)
-    print(f"loaded {len(infos)} back-end(s), {_size(sum(i.raw_bytes for i in infos))} of state, from {args.file}")
+    async def run(session: Session) -> list[StreamInfo]:
+        async with _ProgressLine(progress, args.file):
+            return await load_from_file(session.bus, session.backends, args.file, progress, verify=args.verify)
+
+    infos = _on_bus(args, run, require=True)
+    seconds = time.monotonic() - started
+    if args.json:
+        _json(_transfer_doc("load", args.file, infos, progress, seconds))
+    else:
+        _out(f"loaded {len(infos)} back-end(s), {_size(sum(i.raw_bytes for i in infos))} of state, from {args.file} in {seconds:.1f} s")
     return EXIT_OK
 
 
-def _on_bus(args: argparse.Namespace, work: Callable[[Any, list[BackendInfo]], Awaitable[Any]]) -> Any:
-    """Connect, find the back-ends, run ``work``; SIGTERM and Ctrl-C cancel it cleanly."""
-
-    async def run() -> Any:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-
-        def cancel_once() -> None:
-            # The first signal cancels; the cleanup it starts (Cancel on every
-            # back-end, then waiting for the pumps) must not be cut short.
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, lambda: None)
-            task.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, cancel_once)
-        bus = await connect(args.address)
-        try:
-            return await work(bus, await list_backends(bus, args.id_list))
-        finally:
-            bus.disconnect()
-            await bus.wait_for_disconnect()
-
-    try:
-        return asyncio.run(run())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
+def _transfer_doc(command: str, file: str, infos: list[StreamInfo], progress: Progress, seconds: float) -> dict[str, Any]:
+    return {
+        "command": command,
+        "file": file,
+        "seconds": round(seconds, 3),
+        "backends": [
+            {"id": i.backend_id, "records": i.records, "raw_bytes": i.raw_bytes, "stream_bytes": i.stream_bytes,
+             "seconds": round(progress.seconds.get(i.backend_id, 0.0), 3)}  # fmt: skip
+            for i in infos
+        ],
+    }
 
 
-class _progress_display:  # noqa: N801 - used as a context manager
+class _ProgressLine:
     """A one-line progress report on stderr, only when stderr is a terminal."""
 
-    def __init__(self, verb: str, progress: Progress) -> None:
-        self._verb = verb
+    def __init__(self, progress: Progress, file: str) -> None:
         self._progress = progress
+        self._file = file
         self._task: asyncio.Task[None] | None = None
+        self._shown = False
 
     async def __aenter__(self) -> None:
         if sys.stderr.isatty():
@@ -236,21 +489,127 @@ class _progress_display:  # noqa: N801 - used as a context manager
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-            print(file=sys.stderr)
+            if self._shown:
+                self._write("\r\x1b[K")
 
     async def _show(self) -> None:
-        started = time.monotonic()
+        # Redrawn four times a second, and at once when the phase changes.
+        phase, drawn = "", 0.0
         while True:
-            await asyncio.sleep(0.25)
-            done = sum(self._progress.total.values())
-            expected = sum(self._progress.expected.values())
-            rate = done / max(time.monotonic() - started, 1e-6)
-            of = f" of {_size(expected)} ({100 * done / expected:.0f}%)" if expected else ""
-            print(f"\r{self._verb} {len(self._progress.total)} back-end(s): {_size(done)}{of}, {_size(int(rate))}/s  ",
-                  end="", file=sys.stderr, flush=True)
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            if self._progress.phase != phase or now - drawn >= 0.25:
+                phase, drawn = self._progress.phase, now
+                self._write(f"\r{progress_line(self._progress, self._file, now)}\x1b[K")
+                self._shown = True
+
+    @staticmethod
+    def _write(text: str) -> None:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except OSError:
+            pass
 
 
-# inspect --------------------------------------------------------------------
+def progress_line(progress: Progress, file: str, now: float) -> str:
+    """The progress line's text: phase, done/total, percentage, rate, ETA."""
+    phase = progress.phase
+    what = {
+        "verifying": f"verifying {file}",
+        "saving": f"saving {progress.backends} back-end(s)",
+        "loading": f"loading {progress.backends} back-end(s)",
+        "syncing": f"syncing {file} to disk",
+    }.get(phase, phase)
+    if phase not in ("verifying", "saving", "loading"):
+        return f"{what}..."
+    done = sum(progress.done.values())
+    total = sum(progress.expected.values())
+    elapsed = now - progress.started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    parts = [f"{_size(done)} of {_size(total)} ({100 * done / total if total else 100:.0f}%)" if progress.expected else _size(done)]
+    parts.append(f"{_size(rate)}/s")
+    if progress.expected and rate > 0 and done < total:
+        parts.append(f"ETA {_duration((total - done) / rate)}")
+    return f"{what}: {', '.join(parts)}"
+
+
+# cancel, reset ------------------------------------------------------------------
+
+
+def _add_cancel(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cancel", help="stop the back-ends' running transfers, whoever started them",
+        description="Stop the running transfer of each back-end (CancelTransfer with its number, from Check), "
+        "whichever VMM helper started it, and wait up to --wait seconds for it to end. Each back-end keeps "
+        "its state.",
+    )
+    _add_bus_options(p)
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="how long to wait for each to end (default 10)")
+    _add_json(p)
+    p.set_defaults(func=cmd_cancel)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    async def run(session: Session) -> list[CancelReport]:
+        return list(await asyncio.gather(*(cancel_latest(session.bus, b, args.wait) for b in session.backends)))
+
+    reports = _on_bus(args, run)
+    if args.json:
+        _json([{"id": r.id, "unique_name": r.unique_name, "transfer": r.transfer, "cancelled": r.cancelled,
+                "outcome": _error_doc(r.outcome) if r.outcome else None, "note": r.note,
+                "error": _error_doc(r.error) if r.error else None} for r in reports])  # fmt: skip
+    else:
+        for r in reports:
+            _out(f"{r.id}: {_cancel_text(r)}")
+        if not reports:
+            _out("(no back-ends on this bus)")
+    return _exit_code_of(r.error for r in reports)
+
+
+def _cancel_text(r: CancelReport) -> str:
+    if r.error is not None:
+        return f"cannot cancel: {r.error}"
+    if not r.cancelled:
+        return r.note
+    ended = f"it ended: {type(r.outcome).__name__}" if r.outcome else r.note or "it ended without an error"
+    return f"cancelled transfer #{r.transfer} ({ended})"
+
+
+def _add_reset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reset", help="return back-ends from 'error' to 'running'",
+        description="Call Reset on each back-end: the way out of 'error', saying that you know its state may be "
+        "bad (you will load it again or give it up). A back-end in 'running' is left as it is; one in the "
+        "middle of a transfer refuses (cancel it first).",
+    )
+    _add_bus_options(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_reset)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    async def run(session: Session) -> list[ResetReport]:
+        return [await reset(session.bus, b) for b in session.backends]
+
+    reports = _on_bus(args, run)
+    if args.json:
+        _json([{"id": r.id, "unique_name": r.unique_name, "before": r.before, "after": r.after,
+                "error": _error_doc(r.error) if r.error else None} for r in reports])  # fmt: skip
+    else:
+        for r in reports:
+            if r.error is not None:
+                _out(f"{r.id}: not reset ({r.before}): {type(r.error).__name__}: {r.error}")
+            elif r.before == r.after:
+                _out(f"{r.id}: {r.after} (nothing to reset)")
+            else:
+                _out(f"{r.id}: {r.before} -> {r.after}")
+        if not reports:
+            _out("(no back-ends on this bus)")
+    return _exit_code_of(r.error for r in reports)
+
+
+# inspect ------------------------------------------------------------------------
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -259,8 +618,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         help="list and verify the back-end states in a saved file",
         description="List each back-end stream in a saved file and verify it by decoding it completely.",
     )
-    p.add_argument("file", help="a file written by 'dbus-vmstate2 save'")
-    p.add_argument("--json", action="store_true", help="print JSON for programs instead of a table")
+    p.add_argument("file", help="a file written by 'dbus-vmstate2 save' (a regular file)")
+    _add_json(p)
     p.set_defaults(func=cmd_inspect)
 
 
@@ -272,14 +631,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     Raises:
         StreamError: the file itself (header, index, segments) is corrupt.
-        OSError: the file cannot be read.
+        OSError: the file cannot be read (UnusableFile: it is not a regular file).
     """
     with SaveFileReader(args.file) as reader:
         errors = verify_streams(reader)
         rows = [_row(info, err) for info, err in zip(reader.streams, errors, strict=True)]
     if args.json:
-        doc = {"file": args.file, "verified": not any(errors), "streams": rows}
-        print(json.dumps(doc, indent=2))
+        _json({"file": args.file, "verified": not any(errors), "streams": rows})
     else:
         _print_table(rows)
     return EXIT_CORRUPT if any(errors) else EXIT_OK
@@ -300,21 +658,6 @@ def _row(info: StreamInfo, error: str | None) -> dict:
     }
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _print_columns(lines: list[list[str]]) -> None:
-    """Print rows in aligned columns; the last column runs free."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
-    for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1])
-
-
 def _print_table(rows: list[dict]) -> None:
     head = ["ID", "VERSION", "COMPRESSION", "RECORDS", "RAW", "STORED", "RATIO", "VERIFIED"]
     lines = [head]
@@ -323,6 +666,6 @@ def _print_table(rows: list[dict]) -> None:
         ok = "yes" if r["verified"] else f"NO: {r['error']}"
         lines.append([r["id"], str(r["format_version"]), comp, str(r["records"]), _size(r["raw_bytes"]),
                       _size(r["stored_bytes"]), f"{r['ratio']:.2f}", ok])  # fmt: skip
-    _print_columns(lines)
+    _out(_columns(lines))
     if not rows:
-        print("(no back-ends in this file)")
+        _out("(no back-ends in this file)")

@@ -162,6 +162,11 @@ class DiscoveryError(VMStateError):
     """The back-ends on the bus are not the ones asked for (missing or duplicate Ids)."""
 
 
+class NoBackends(DiscoveryError):
+    """No back-end to act on: nothing is queued on org.qemu.VMState1 (or
+    nothing was asked for)."""
+
+
 class MigrationAborted(VMStateError):
     """The VMM helper gave up a live migration before it completed: the state
     changed faster than it could be sent, a back-end stalled or failed, or a

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -269,29 +268,3 @@ async def test_save_reports_the_backends_own_error(bus_address, client, tmp_path
             await save_to_file(client, [info], tmp_path / "vm.vmstate")
     assert "back-end 'oversized'" in str(raised.value) and "yield smaller records" in str(raised.value)
     assert not list(tmp_path.iterdir())
-
-
-def test_progress_shows_on_a_terminal_only(bus_address, memstate, tmp_path):
-    import pty
-
-    memstate("big", "--size", "1G", "--seed", "6")
-    argv = [sys.executable, "-m", "dbus_vmstate2", "save", "--address", bus_address, "--compression", "none"]
-    master, slave = pty.openpty()
-    saver = subprocess.Popen([*argv, str(tmp_path / "a.vmstate")], cwd=ROOT, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=slave)
-    os.close(slave)
-    shown = b""
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # EIO: the terminal's other side closed
-            break
-        if not data:
-            break
-        shown += data
-    os.close(master)
-    assert saver.wait(timeout=120) == 0
-    assert b"\rsaving 1 back-end(s): " in shown and b"/s" in shown
-
-    quiet = subprocess.run([*argv, str(tmp_path / "b.vmstate")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -11,21 +11,34 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .control import CancelReport, ResetReport, StatusReport, TransferReport, cancel_latest, reset, status
     from .discovery import BackendInfo, BackendStatus, connect, describe, list_backends
     from .precopy import PreCopyConfig, PreCopyPlan
+    from .savefile import UnusableFile
+    from .session import Session, open_session
     from .transfers import Progress, load_from_file, save_to_file
 
 _HOMES = {
     "BackendInfo": ".discovery",
     "BackendStatus": ".discovery",
-    "connect": ".discovery",
-    "describe": ".discovery",
-    "list_backends": ".discovery",
+    "CancelReport": ".control",
     "PreCopyConfig": ".precopy",
     "PreCopyPlan": ".precopy",
     "Progress": ".transfers",
+    "ResetReport": ".control",
+    "Session": ".session",
+    "StatusReport": ".control",
+    "TransferReport": ".control",
+    "UnusableFile": ".savefile",
+    "cancel_latest": ".control",
+    "connect": ".discovery",
+    "describe": ".discovery",
+    "list_backends": ".discovery",
     "load_from_file": ".transfers",
+    "open_session": ".session",
+    "reset": ".control",
     "save_to_file": ".transfers",
+    "status": ".control",
 }
 
 __all__ = sorted(_HOMES)

@@ -7,17 +7,22 @@ thread from asyncio).
 The writer never leaves a half-written file under the final name: it writes a
 temporary file in the same directory, fsyncs it, renames it over the final
 name and fsyncs the directory; on any failure the temporary file is removed.
+That is why a save target must be a regular file or a new name (see
+:func:`save_target`): renaming over a FIFO, a device or ``/dev/stdout`` would
+replace it.  The reader needs a regular file too: it reads the index at the
+file's end before anything else, which a pipe cannot give.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
-from ..errors import Corrupt, StreamError, Truncated
+from ..errors import Cancelled, Corrupt, StreamError, Truncated
 from ..stream import NEED_DATA, StreamDecoder, StreamEnd
 from ..stream.container import (
     FILE_HEADER_SIZE,
@@ -37,6 +42,66 @@ WRITEBACK_STEP = 64 << 20
 """The writer starts writeback of every this many bytes (see _put)."""
 
 
+class UnusableFile(OSError):
+    """A path that cannot be saved to or read from as a saved file: not a
+    regular file (a FIFO, a device, a directory, a dangling link), or in a
+    directory that does not exist.  Nothing was written or read."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def save_target(path: str | os.PathLike[str]) -> str:
+    """Check that ``path`` can take a saved file; return the path to write.
+
+    A save writes a temporary file in the target's directory and renames it
+    over the target, so the target must be a regular file or a new name in
+    an existing directory.  A symbolic link to a regular file is followed:
+    the file it points to is replaced and the link is kept.
+
+    Raises:
+        UnusableFile: anything else (a FIFO, a device such as
+            ``/dev/stdout``, a directory, a dangling link, a missing
+            directory), before anything is written.
+    """
+    path = os.fspath(path)
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise UnusableFile(f"cannot save to {path}: the directory {directory} does not exist") from None
+        return path
+    if stat.S_ISREG(link.st_mode):
+        return path
+    if not stat.S_ISLNK(link.st_mode):
+        raise UnusableFile(f"refusing to save to {path}: it is {_kind(link.st_mode)}; {_WHY_REGULAR}")
+    target = os.path.realpath(path)
+    try:
+        pointed = os.stat(path)
+    except FileNotFoundError:
+        raise UnusableFile(f"refusing to save to {path}: it is a symbolic link to {target}, which does not exist") from None
+    if not stat.S_ISREG(pointed.st_mode):
+        raise UnusableFile(f"refusing to save to {path}: it is a symbolic link to {_kind(pointed.st_mode)}; {_WHY_REGULAR}")
+    try:
+        named = os.stat(target)
+    except OSError:
+        named = None
+    if named is None or (named.st_dev, named.st_ino) != (pointed.st_dev, pointed.st_ino):
+        # A /proc/self/fd link to a deleted file resolves to "... (deleted)".
+        raise UnusableFile(f"refusing to save to {path}: it is a symbolic link to a file that has no name to replace")
+    return target
+
+
+_WHY_REGULAR = ("a save writes a temporary file beside its target and renames it over the target, "
+                "so the target must be a regular file or a new name")  # fmt: skip
+
+
 class SaveFileWriter:
     """Write several back-ends' streams into one file, atomically.
 
@@ -45,18 +110,27 @@ class SaveFileWriter:
     appears).  :meth:`write` may be called from several threads.
 
     Args:
-        path: the final file name.
+        path: the final file name: a regular file, a new name, or a link to a
+            regular file (which is replaced; the link stays).
         mode: permission bits of the new file (default 0o600: state is private).
+
+    Raises:
+        UnusableFile: ``path`` cannot take a saved file (see :func:`save_target`),
+            or no temporary file can be made in its directory.
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
-        self.path = os.fspath(path)
+        self.path = save_target(path)
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        try:
+            fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        except OSError as exc:  # name the directory, not the random temporary name
+            raise UnusableFile(f"cannot save to {os.fspath(path)}: cannot create a file in {directory}: {exc.strerror}") from exc
         self._file = os.fdopen(fd, "wb")
         self._lock = threading.Lock()
         self._container = ContainerWriter()
         self._done = False
+        self._abandoned = False
         self._written = self._flushed = 0
         try:
             os.fchmod(fd, mode)
@@ -98,6 +172,8 @@ class SaveFileWriter:
 
         Raises:
             RuntimeError: a stream is still open.
+            Cancelled: :meth:`abandon` was called before the rename (the
+                temporary file is removed).
             OSError: the file system failed (the temporary file is removed).
         """
         with self._lock:
@@ -106,12 +182,19 @@ class SaveFileWriter:
                 self._file.flush()
                 os.fsync(self._file.fileno())
                 self._file.close()
+                if self._abandoned:
+                    raise Cancelled(f"the save to {self.path} was abandoned before its file was renamed into place")
                 os.replace(self._tmp, self.path)
                 self._done = True
                 _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             except BaseException:
                 self.abort()
                 raise
+
+    def abandon(self) -> None:
+        """Make a :meth:`commit` running in another thread stop before it
+        renames the file (it then removes the temporary file itself)."""
+        self._abandoned = True
 
     def abort(self) -> None:
         """Discard the temporary file; the final name is left untouched."""
@@ -162,18 +245,29 @@ class SaveFileReader:
     several iterators (one thread per back-end) may run at once.
 
     Args:
-        path: the saved file.
+        path: the saved file, a regular file (or a link to one).
 
     Raises:
+        UnusableFile: ``path`` is not a regular file (a pipe, ``<(...)``, a
+            FIFO, a device, a directory): the index is at the end, so it is
+            read first.
         StreamError: not a saved file, or a corrupt or truncated one.
         OSError: the file cannot be read.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO that has no writer must not hang; it is
+        # refused just below (and means nothing for a regular file).
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            size = os.fstat(self._fd).st_size
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise UnusableFile(
+                    f"cannot read {self.path}: it is {_kind(info.st_mode)}; a saved file must be a regular file, "
+                    "because its index is at its end and is read first (copy it to a file)"
+                )
+            size = info.st_size
             if size < FILE_HEADER_SIZE + FOOTER_SIZE:
                 raise Truncated(f"saved file of {size} bytes, expected at least {FILE_HEADER_SIZE + FOOTER_SIZE}")
             parse_file_header(self._read(0, FILE_HEADER_SIZE))
@@ -253,11 +347,31 @@ class SaveFileReader:
         self.close()
 
 
-def verify_streams(reader: SaveFileReader) -> list[str | None]:
+def read_index(path: str | os.PathLike[str]) -> list[StreamInfo]:
+    """Check a saved file's header, footer and index, and return the index.
+
+    Raises:
+        UnusableFile, StreamError, OSError: as :class:`SaveFileReader`.
+    """
+    with SaveFileReader(path) as reader:
+        return reader.streams
+
+
+def verify_streams(
+    reader: SaveFileReader,
+    on_data: Callable[[str, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[str | None]:
     """Decode every stream of ``reader`` fully; return an error message per stream (None if fine).
+
+    Args:
+        on_data: called with a stream's back-end Id and the number of its
+            bytes just verified (for a progress display).
+        stop: set from another thread to stop early.
 
     Raises:
         StreamError: the container itself is corrupt.
+        Cancelled: ``stop`` was set.
     """
     decoders = [StreamDecoder(info.backend_id) for info in reader.streams]
     errors: list[str | None] = [None] * len(decoders)
@@ -278,7 +392,11 @@ def verify_streams(reader: SaveFileReader) -> list[str | None]:
             errors[n] = f"{type(exc).__name__}: {exc}"
 
     for n, data in reader.segments():
+        if stop is not None and stop.is_set():
+            raise Cancelled(f"the verification of {reader.path} was stopped")
         pump(n, data)
+        if on_data is not None:
+            on_data(reader.streams[n].backend_id, len(data))
     for n, info in enumerate(reader.streams):
         pump(n, None)
         end, head = ends[n], decoders[n].header

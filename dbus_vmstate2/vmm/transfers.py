@@ -5,56 +5,117 @@ The VMM side of a transfer: create a pipe, pass one end with ``Save`` or
 surely on their way to the bus), and move the data between the other end and
 the saved file in a worker thread.  Several back-ends move in parallel into
 one container file (docs/stream-format.md, "saved file").  The outcome comes
-from ``Check``, woken by the ``TransferFinished`` signal: a pipe cannot carry
-a failure, and no call waits longer than a moment, so no D-Bus timeout bites
-however large the state.
+from the ``TransferFinished`` signal, which names the transfer, with
+``Check`` as the fallback: a pipe cannot carry a failure, and no call waits
+longer than a moment, so no D-Bus timeout bites however large the state.
 
-Failure handling: the first failure cancels every other transfer of the same
-operation (``Cancel``), so each back-end keeps its state and returns to
-``running``; a save writes no file under the final name; and the error raised
-is the first one, naming the back-end.
+Failure handling: the first failure, or our own cancellation (SIGTERM in the
+command), stops every other transfer *this operation started*: by number with
+``CancelTransfer``, because ``Cancel()`` stops whatever the calling
+connection started and one connection may run several operations; a
+back-end that answered Busy runs someone else's transfer, which is left
+alone.  Each back-end keeps its state and returns to ``running``; a save
+writes no file under the final name; and the error raised is the first one,
+naming the back-end.  No worker thread is ever abandoned: a cancelled
+operation returns only once its threads have ended and its files are closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Sequence
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..backend.channel import enlarge_pipe
-from ..errors import BackendFailed, Corrupt, ErrorName, IdMismatch, StreamError, Unsupported, VMStateError
+from ..errors import (
+    BackendFailed,
+    Cancelled,
+    Corrupt,
+    ErrorName,
+    IdMismatch,
+    NoBackends,
+    StreamError,
+    Unsupported,
+    VMStateError,
+    from_dbus_error,
+)
 from ..names import VMSTATE2
 from ..stream.container import StreamInfo
 from .calls import call
 from .discovery import NOT_VMSTATE2, BackendInfo
-from .savefile import SaveFileReader, SaveFileWriter, verify_streams
+from .savefile import SaveFileReader, SaveFileWriter, save_target, verify_streams
+
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 
 
 @dataclass
 class Progress:
-    """Bytes moved so far, per back-end Id (written by the worker threads)."""
+    """What an operation has done so far, for a progress display.
 
-    total: dict[str, int] = field(default_factory=dict)
+    The operation sets the phase; its worker threads update ``done``.
+    """
+
+    phase: str = "starting"
+    """``verifying`` (a load reads the whole file first), ``saving``,
+    ``loading``, ``syncing`` (a save's final fsync and rename) or ``done``."""
+    backends: int = 0
+    """How many back-ends the operation moves."""
+    done: dict[str, int] = field(default_factory=dict)
+    """Stream bytes moved (or verified) in this phase, per back-end Id."""
     expected: dict[str, int] = field(default_factory=dict)
+    """Stream bytes this phase will move, per back-end Id; empty when not
+    known in advance (a save: back-ends do not announce their size)."""
+    started: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` at the start of the phase."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Each back-end's transfer time, from its Save or Load call to its
+    outcome, once it has succeeded."""
+
+    def begin(self, phase: str, expected: dict[str, int] | None = None) -> None:
+        """Start a new phase: clear ``done`` and restart the clock."""
+        self.done = {}
+        self.expected = dict(expected or {})
+        self.started = time.monotonic()
+        self.phase = phase
 
 
-class _FinishedSignals:
-    """Wakes waiters whenever a back-end emits TransferFinished."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one transfer ended, from its TransferFinished signal."""
+
+    number: int
+    error_name: str
+    message: str
+    records: int
+    raw_bytes: int
+    stream_bytes: int
+
+    def raise_error(self) -> None:
+        """Raise the transfer's error, if it failed."""
+        if self.error_name:
+            raise from_dbus_error(self.error_name, self.message)
+
+
+class FinishedSignals:
+    """Records every TransferFinished outcome and wakes the waiters."""
 
     RULE = f"type='signal',interface='{VMSTATE2}',member='TransferFinished'"
 
     def __init__(self, bus: MessageBus) -> None:
         self._bus = bus
         self._events: dict[str, asyncio.Event] = {}
+        self._outcomes: dict[tuple[str, int], Outcome] = {}
 
-    async def __aenter__(self) -> _FinishedSignals:
+    async def __aenter__(self) -> FinishedSignals:
         self._bus.add_message_handler(self._on_message)
         await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
         return self
@@ -65,79 +126,207 @@ class _FinishedSignals:
             await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "RemoveMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
 
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == "TransferFinished":
+        if (msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == "TransferFinished"
+                and msg.signature == "tsssttt" and msg.sender):  # fmt: skip
+            number, _, error_name, message, records, raw_bytes, stream_bytes = msg.body
+            self._outcomes[(msg.sender, number)] = Outcome(number, error_name, message, records, raw_bytes, stream_bytes)
             self._event(msg.sender).set()
 
     def _event(self, sender: str) -> asyncio.Event:
         return self._events.setdefault(sender, asyncio.Event())
 
-    async def wait_finished(self, backend: BackendInfo, number: int) -> None:
+    async def wait_finished(self, backend: BackendInfo, number: int) -> Outcome | None:
         """Return once transfer ``number`` of ``backend`` has succeeded.
+
+        The signal names its transfer, so a later transfer (another VMM
+        helper's) cannot be mistaken for ours.  ``Check`` covers a lost
+        signal; it reports only the latest transfer, but a back-end emits a
+        transfer's signal before it can start the next one, and the bus
+        delivers one sender's messages in order: when Check shows a later
+        transfer, or fails, our transfer's signal is already recorded.
+
+        Returns:
+            The outcome from the signal (None if only Check saw it end).
 
         Raises:
             VMStateError: the transfer failed (the back-end's own error), or
                 the back-end is gone.
         """
         event = self._event(backend.unique_name)
+        key = (backend.unique_name, number)
         while True:
             event.clear()
-            latest, finished, *_ = await call(self._bus, backend.unique_name, VMSTATE2, "Check")
-            if latest != number:
-                raise VMStateError(f"transfer #{number} was superseded by #{latest} on the back-end")
-            if finished:
-                return
+            if (outcome := self._outcomes.get(key)) is not None:
+                outcome.raise_error()
+                return outcome
             try:
-                await asyncio.wait_for(event.wait(), 1.0)
-            except TimeoutError:
-                pass  # check again: a lost signal costs a second, not a hang
+                latest, finished, *_ = await call(self._bus, backend.unique_name, VMSTATE2, "Check")
+            except VMStateError:
+                if key not in self._outcomes:
+                    raise  # the latest transfer's error, and the latest is ours
+                continue
+            if latest == number and finished:
+                return self._outcomes.get(key)
+            if latest != number and key not in self._outcomes:
+                raise VMStateError(f"transfer #{number} was superseded by #{latest} on the back-end, with no outcome seen")
+            if latest == number:
+                try:
+                    await asyncio.wait_for(event.wait(), 1.0)
+                except TimeoutError:
+                    pass  # check again: a lost signal costs a second, not a hang
 
 
-async def _start(bus: MessageBus, backend: BackendInfo, member: str, fd: int, options: dict[str, Variant]) -> int:
-    """Call Save or Load with ``fd``; our copy of ``fd`` is closed once the reply is in."""
-    try:
-        [number] = await call(bus, backend.unique_name, VMSTATE2, member, "ha{sv}", [0, options], unix_fds=[fd])
-    except VMStateError as exc:
-        if exc.remote_name in NOT_VMSTATE2:
-            raise Unsupported(
-                "it serves only org.qemu.VMState1 (QEMU's dbus-vmstate, at most 1 MiB): migrate it with QEMU"
-            ) from exc
-        raise
-    finally:
-        os.close(fd)
-    return number
+@dataclass
+class _Transfer:
+    """One back-end's part of an operation, as far as we know it."""
+
+    backend: BackendInfo
+    call: asyncio.Task[list[Any]] | None = None
+    """The Save or Load call, once made."""
 
 
-async def _cancel_all(bus: MessageBus, backends: Sequence[BackendInfo]) -> None:
-    for backend in backends:
+class _Operation:
+    """The transfers of one save or load: started together, stopped together.
+
+    Only what this operation started is ever stopped: a transfer whose
+    number we hold is stopped with ``CancelTransfer``; a call that was made
+    but whose reply never came (the bus timed it out) with ``Cancel()``,
+    which the back-end applies only to its caller's own transfer.
+    """
+
+    def __init__(self, bus: MessageBus, backends: Sequence[BackendInfo]) -> None:
+        self.bus = bus
+        self.transfers = {b.unique_name: _Transfer(b) for b in backends}
+        self.signals = FinishedSignals(bus)
+        self._stopping = False
+
+    async def start(self, backend: BackendInfo, member: str, fd: int, options: dict[str, Variant]) -> int:
+        """Call Save or Load with ``fd``; our copy of ``fd`` is closed once the reply is in.
+
+        Raises:
+            Cancelled: the operation is being stopped (no call is made).
+            Unsupported: the back-end has no VMState2.
+            VMStateError: the back-end refused (Busy, ...).
+        """
+        transfer = self.transfers[backend.unique_name]
+        if self._stopping:
+            os.close(fd)
+            raise Cancelled("the operation was stopped before this back-end's transfer started")
+        # A task of its own, so that our cancellation never loses the reply:
+        # the transfer number is what lets stop() end that transfer only.
+        transfer.call = asyncio.ensure_future(self._call(backend, member, fd, options))
         try:
-            await call(bus, backend.unique_name, VMSTATE2, "Cancel")
-        except Exception:  # a back-end (or a bus) that is gone has nothing to cancel
-            pass
+            [number] = await asyncio.shield(transfer.call)
+        except VMStateError as exc:
+            if exc.remote_name in NOT_VMSTATE2:
+                raise Unsupported(
+                    "it serves only org.qemu.VMState1 (QEMU's dbus-vmstate, at most 1 MiB): migrate it with QEMU"
+                ) from exc
+            raise
+        return number
+
+    async def _call(self, backend: BackendInfo, member: str, fd: int, options: dict[str, Variant]) -> list[Any]:
+        try:
+            return await call(self.bus, backend.unique_name, VMSTATE2, member, "ha{sv}", [0, options], unix_fds=[fd])
+        finally:
+            os.close(fd)
+
+    async def stop(self) -> None:
+        """Stop every transfer this operation started; start no more."""
+        self._stopping = True
+        for transfer in self.transfers.values():
+            if transfer.call is None:
+                continue
+            await wait_regardless(transfer.call)
+            try:
+                if transfer.call.cancelled():
+                    continue
+                if (exc := transfer.call.exception()) is None:
+                    [number] = transfer.call.result()
+                    await call(self.bus, transfer.backend.unique_name, VMSTATE2, "CancelTransfer", "t", [number])
+                elif isinstance(exc, VMStateError) and exc.remote_name in (*ErrorName, *NOT_VMSTATE2):
+                    continue  # refused (Busy, ...): nothing of ours runs there
+                else:
+                    await call(self.bus, transfer.backend.unique_name, VMSTATE2, "Cancel")
+            except Exception:  # a back-end (or a bus) that is gone has nothing to cancel
+                pass
+
+    async def run(self, jobs: list[Coroutine[Any, Any, T]]) -> list[T]:
+        """Run ``jobs`` together; on the first failure, or if we are cancelled
+        ourselves, stop this operation's transfers (which ends our pumps too:
+        the back-ends close their ends), wait for every job, and raise.
+
+        Every job's exception is retrieved here: the first failure speaks for
+        all, and no "exception was never retrieved" is left behind.
+        """
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        try:
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            except asyncio.CancelledError:
+                await self._stop_and_wait(tasks)
+                raise
+            failed = [t.exception() for t in tasks if t.done() and t.exception() is not None]
+            if failed:
+                await self._stop_and_wait(tasks)
+                raise failed[0]
+            return [t.result() for t in tasks]
+        finally:
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()
+
+    async def _stop_and_wait(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Stop our transfers and wait for every job; not cut short by a cancellation."""
+
+        async def stop_and_wait() -> None:
+            await self.stop()
+            await asyncio.wait(tasks)
+
+        cleanup = asyncio.ensure_future(stop_and_wait())
+        await wait_regardless(cleanup)
+        if not cleanup.cancelled():
+            cleanup.exception()  # stop() already ignores a back-end that is gone
 
 
-async def _all_or_cancel(bus: MessageBus, backends: Sequence[BackendInfo], jobs: list[Awaitable[Any]]) -> list[Any]:
-    """Run ``jobs`` together; on the first failure, or if we are cancelled
-    ourselves, Cancel every back-end's transfer (which ends our pumps too:
-    the back-ends close their ends) and raise."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
+async def wait_regardless(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, even if we are cancelled meanwhile.
+
+    For clean-up that must not be cut short (stopping the back-ends' transfers,
+    a worker thread that holds our files); the caller re-raises its own
+    cancellation afterwards.  The future's outcome is left to the caller.
+    """
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError:
+            continue
+
+
+async def _in_thread(
+    fn: Callable[..., T], *args: Any, stop: Callable[[], None] | None = None, discard: Callable[[T], None] | None = None
+) -> T:
+    """Run ``fn(*args)`` in a worker thread and return its result.
+
+    If we are cancelled, the thread is never abandoned: ``stop()`` asks it
+    to end early, we wait for it, ``discard(result)`` releases what it made,
+    and the cancellation goes on.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except BaseException:
-        await asyncio.shield(_cancel_all(bus, backends))
-        await asyncio.wait(tasks)
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop()
+        await wait_regardless(future)
+        if not future.cancelled() and future.exception() is None and discard is not None:
+            discard(future.result())
         raise
-    failed = [t.exception() for t in tasks if t.done() and t.exception() is not None]
-    if failed:
-        await _cancel_all(bus, backends)
-        await asyncio.wait(tasks)
-        for task in tasks:
-            task.exception()  # retrieved: the first failure speaks for all
-        raise failed[0]
-    return [t.result() for t in tasks]
 
 
 def _labelled(backend: BackendInfo, exc: VMStateError) -> VMStateError:
-    labelled = type(exc)(f"back-end {backend.id!r}: {exc}")
+    label = f"back-end {backend.id!r}"
+    labelled = type(exc)(str(exc) if str(exc).startswith(label) else f"{label}: {exc}")
     labelled.remote_name = exc.remote_name
     return labelled
 
@@ -152,23 +341,35 @@ async def save_to_file(
     """Save every back-end in ``backends`` into one new file at ``path``.
 
     Args:
+        path: a regular file (replaced atomically), a new name, or a link to
+            a regular file (which is replaced; the link stays).
         options: VMState2 Save options (``compression``, ``level``, ``workers``).
-        progress: updated with the bytes received per back-end.
+        progress: updated with the phase and the bytes received per back-end.
 
     Returns:
         The file's index entries, one per back-end, in ``backends`` order.
 
     Raises:
+        UnusableFile: ``path`` cannot take a saved file; no back-end was touched.
+        NoBackends: ``backends`` is empty.
         VMStateError: the first failure, naming its back-end; no file is
             left under ``path`` and every back-end keeps its state.
     """
+    save_target(path)
+    if not backends:
+        raise NoBackends("no back-ends to save")
     progress = progress or Progress()
-    writer = await asyncio.to_thread(SaveFileWriter, path)
+    progress.backends = len(backends)
+    writer = await _in_thread(SaveFileWriter, path, discard=SaveFileWriter.abort)
     try:
-        async with _FinishedSignals(bus) as signals:
-            jobs = [_save_one(bus, signals, writer, b, options or {}, progress) for b in backends]
-            infos = await _all_or_cancel(bus, backends, jobs)
-        await asyncio.to_thread(writer.commit)
+        operation = _Operation(bus, backends)
+        async with operation.signals:
+            progress.begin("saving")
+            jobs = [_save_one(operation, writer, b, options or {}, progress) for b in backends]
+            infos = await operation.run(jobs)
+        progress.begin("syncing")
+        await _in_thread(writer.commit, stop=writer.abandon)
+        progress.phase = "done"
     except BaseException:
         writer.abort()
         raise
@@ -176,33 +377,34 @@ async def save_to_file(
 
 
 async def _save_one(
-    bus: MessageBus, signals: _FinishedSignals, writer: SaveFileWriter, backend: BackendInfo,
-    options: dict[str, Variant], progress: Progress,
+    operation: _Operation, writer: SaveFileWriter, backend: BackendInfo, options: dict[str, Variant], progress: Progress,
 ) -> StreamInfo:
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    started = time.monotonic()
     try:
         enlarge_pipe(read_end)
         try:
-            number = await _start(bus, backend, "Save", write_end, options)
+            number = await operation.start(backend, "Save", write_end, options)
             try:
-                await asyncio.to_thread(_pump_to_file, read_end, writer, stream, backend.id, progress)
+                await _in_thread(_pump_to_file, read_end, writer, stream, backend.id, progress)
                 info = writer.close_stream(stream)
             except StreamError as exc:
                 # A bad stream on save is the back-end's failure, not a bad
                 # file.  If it can say why (it was cancelled, its save
                 # raised, a record was too large), that is the error to show.
-                await _reported_failure(signals, backend, number)
+                await _reported_failure(operation.signals, backend, number)
                 raise BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}") from exc
-            await signals.wait_finished(backend, number)
+            await operation.signals.wait_finished(backend, number)
         except VMStateError as exc:
             raise _labelled(backend, exc) from exc
     finally:
         os.close(read_end)
+    progress.seconds[backend.id] = time.monotonic() - started
     return info
 
 
-async def _reported_failure(signals: _FinishedSignals, backend: BackendInfo, number: int) -> None:
+async def _reported_failure(signals: FinishedSignals, backend: BackendInfo, number: int) -> None:
     """Raise the back-end's own error for transfer ``number``, if it reports one soon."""
     try:
         await asyncio.wait_for(signals.wait_finished(backend, number), 5.0)
@@ -223,7 +425,7 @@ def _pump_to_file(fd: int, writer: SaveFileWriter, stream: int, backend_id: str,
     while size := os.readv(fd, [buffer]):
         writer.write(stream, view[:size])
         total += size
-        progress.total[backend_id] = total
+        progress.done[backend_id] = total
 
 
 async def load_from_file(
@@ -246,16 +448,23 @@ async def load_from_file(
 
     Args:
         verify: verify the whole file before loading (default True).
+        progress: updated with the phase and the bytes verified or sent.
 
     Raises:
+        UnusableFile: ``path`` is not a regular file (a pipe cannot be read
+            index first).
+        NoBackends: ``backends`` is empty.
         StreamError: the file is not a valid saved file.
         IdMismatch: a back-end has no stream in the file.
         VMStateError: the first back-end failure; every back-end keeps the
             state it had unless its load succeeded.
     """
     progress = progress or Progress()
-    reader = await asyncio.to_thread(SaveFileReader, path)
+    reader = await _in_thread(SaveFileReader, path, discard=SaveFileReader.close)
     try:
+        if not backends:
+            raise NoBackends("no back-ends to load")
+        progress.backends = len(backends)
         streams = {}
         for backend in backends:
             try:
@@ -263,40 +472,49 @@ async def load_from_file(
             except KeyError:
                 held = ", ".join(info.backend_id for info in reader.streams) or "none"
                 raise IdMismatch(f"{os.fspath(path)} holds no state for back-end {backend.id!r} (it holds: {held})") from None
-            progress.expected[backend.id] = reader.streams[streams[backend.id]].stream_bytes
         if verify:
-            errors = await asyncio.to_thread(verify_streams, reader)
+            progress.begin("verifying", {info.backend_id: info.stream_bytes for info in reader.streams})
+            stop = threading.Event()
+            errors = await _in_thread(verify_streams, reader, _counter(progress), stop, stop=stop.set)
             bad = [f"{info.backend_id!r}: {error}" for info, error in zip(reader.streams, errors, strict=True) if error]
             if bad:
                 raise Corrupt(f"{os.fspath(path)} does not verify, nothing was loaded: {'; '.join(bad)}")
-        async with _FinishedSignals(bus) as signals:
-            jobs = [_load_one(bus, signals, reader, streams[b.id], b, progress) for b in backends]
-            await _all_or_cancel(bus, backends, jobs)
+        operation = _Operation(bus, backends)
+        async with operation.signals:
+            progress.begin("loading", {b.id: reader.streams[streams[b.id]].stream_bytes for b in backends})
+            jobs = [_load_one(operation, reader, streams[b.id], b, progress) for b in backends]
+            await operation.run(jobs)
+        progress.phase = "done"
         return [reader.streams[streams[b.id]] for b in backends]
     finally:
         reader.close()
 
 
-async def _load_one(
-    bus: MessageBus, signals: _FinishedSignals, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress,
-) -> None:
+def _counter(progress: Progress) -> Callable[[str, int], None]:
+    def count(backend_id: str, size: int) -> None:
+        progress.done[backend_id] = progress.done.get(backend_id, 0) + size
+
+    return count
+
+
+async def _load_one(operation: _Operation, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress) -> None:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    started = time.monotonic()
     try:
         enlarge_pipe(write_end)
         try:
-            number = await _start(bus, backend, "Load", read_end, {})
+            number = await operation.start(backend, "Load", read_end, {})
         finally:
-            read_end = -1  # _start closed it
+            read_end = -1  # start() closed it
         try:
-            pumped = asyncio.to_thread(_pump_from_file, reader, stream, write_end, backend.id, progress)
             pump_error: BaseException | None = None
             try:
-                await pumped
+                await _in_thread(_pump_from_file, reader, stream, write_end, backend.id, progress)
             except BrokenPipeError as exc:
                 pump_error = exc  # the back-end stopped reading: its outcome says why
             os.close(write_end)
             write_end = -1
-            await signals.wait_finished(backend, number)
+            await operation.signals.wait_finished(backend, number)
             if pump_error is not None:
                 raise VMStateError("the back-end stopped reading its stream early") from pump_error
         except VMStateError as exc:
@@ -305,6 +523,7 @@ async def _load_one(
         for fd in (read_end, write_end):
             if fd >= 0:
                 os.close(fd)
+    progress.seconds[backend.id] = time.monotonic() - started
 
 
 def _pump_from_file(reader: SaveFileReader, stream: int, fd: int, backend_id: str, progress: Progress) -> None:
@@ -314,5 +533,4 @@ def _pump_from_file(reader: SaveFileReader, stream: int, fd: int, backend_id: st
         while view:
             view = view[os.write(fd, view):]
         total += len(data)
-        progress.total[backend_id] = total
-
+        progress.done[backend_id] = total
