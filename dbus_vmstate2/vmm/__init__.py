@@ -11,7 +11,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .control import CancelReport, ResetReport, StatusReport, TransferReport, cancel_latest, reset, status
+    from .control import CancelReport, ResetReport, StatusReport, TransferReport, cancel_latest, reset, resume, status
+    from .live import save_live
     from .discovery import BackendInfo, BackendStatus, connect, describe, list_backends
     from .precopy import PreCopyConfig, PreCopyPlan
     from .savefile import UnusableFile
@@ -37,6 +38,8 @@ _HOMES = {
     "load_from_file": ".transfers",
     "open_session": ".session",
     "reset": ".control",
+    "resume": ".control",
+    "save_live": ".live",
     "save_to_file": ".transfers",
     "status": ".control",
 }
