@@ -16,21 +16,23 @@ a value is at most what fits with its key in one record (``MAX_RECORD_SIZE``,
 Theory of operation.  Every value is an immutable ``bytes`` object, so a
 consistent snapshot is a shallow copy of the dict, taken under the lock in
 time proportional to the number of keys, never to their size.  While a
-pre-copy runs, each key is in at most one of two ordered sets: *unsent* (the
-initial data not yet yielded; the key list is taken when tracking starts) or
-*dirty* (changed since it was last yielded, or since tracking started if it
-was not among the initial keys).  A write to an unsent key leaves it unsent
-(the initial records will carry its newest value); a write to any other key
-marks it dirty.  A key leaves its set at the moment its entry is put into a
-record, under the lock, with the value it has at that moment: a key written
-again after that is dirty again and goes in a later round, so at quiesce
-every change is either already yielded or in the dirty set, and the last
-round sends it.  Records are built one at a time, as the library pulls them,
-so a round's memory is about one record beyond the values' references.
+pre-copy runs, each key is in at most one of two sets: *unsent* (the initial
+data not yet yielded; the keys when tracking started) or *dirty* (changed
+since it was last yielded, or since tracking started if it was not among the
+initial keys).  A write to an unsent key leaves it unsent (the initial
+records will carry its newest value); a write to any other key marks it
+dirty.  A key leaves its set at the moment its record is built, under the
+lock, with the value it has at that moment: a key written again after that
+is dirty again and goes in a later round, so at quiesce every change is
+either already yielded or in the dirty set, and the last round sends it.
+Records are built one at a time, as the library pulls them, so a round's
+memory is about one record beyond the references to the values; the key
+lists a round walks cost 8 bytes a key (a one-shot save's snapshot about 50).
 
 Record payload format (the daemon's own business; docs/stream-format.md §3
-treats payloads as opaque).  A DATA or DIRTY record's payload is a sequence
-of entries, back to back, nothing before or after::
+treats payloads as opaque).  A DIRTY record's payload, and by default a DATA
+record's too, is a sequence of entries, back to back, nothing before or
+after::
 
     offset  size  field
     0       1     op: 1 = PUT, 2 = DELETE (a tombstone)
@@ -42,14 +44,22 @@ of entries, back to back, nothing before or after::
 A record holds at least one entry; entries are packed until the next would
 take the record past ``record_size`` (default 1 MiB), so an entry larger than
 ``record_size`` travels alone in its record, up to the 16 MiB record limit.
-An entry's size (7 + key + value; 7 + key for a tombstone) is the unit of
-every byte count here: :attr:`~DirtyStore.total_bytes` and
-:meth:`~DirtyStore.pending` count entries as they go in records, so a one-shot
-save's records add up to exactly ``total_bytes``.  END_OF_INITIAL records
-carry no payload.  A load applies the entries of every DATA and DIRTY record
-in stream order to an empty state (a stream always carries the whole state:
-its initial data is every key), the last entry for a key winning; a DELETE of
-a key that is not there does nothing.
+The initial data (a one-shot save's records, and the pre-copy's DATA
+records) goes in ascending key order.  Byte counts are exact counts of record
+bytes: an entry's size is 7 + key + value (7 + key for a tombstone);
+:attr:`~DirtyStore.total_bytes` and the initial bytes of :meth:`~DirtyStore.
+pending` count the keys' DATA sizes (their entries' by default), so a
+one-shot save's records add up to exactly ``total_bytes``.
+END_OF_INITIAL records carry no payload.  A load applies the entries of
+every DATA and DIRTY record in stream order to an empty state (a stream
+always carries the whole state: its initial data is every key), the last
+entry for a key winning; a DELETE of a key that is not there does nothing.
+
+A subclass may lay out its DATA records differently (memstate sends its
+memory image as it is, so that a one-shot save is the raw state that
+QEMU's VMState1 and older readers expect): it overrides :meth:`~DirtyStore.
+data_size`, :meth:`~DirtyStore.encode_data` and :meth:`~DirtyStore.
+data_decoder` together.  DIRTY records are always entries.
 """
 
 from __future__ import annotations
@@ -57,8 +67,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..stream import MAX_RECORD_SIZE, Record, RecordType
 from .daemon import Pending
@@ -66,6 +77,8 @@ from .records import BytesLike
 
 __all__ = [
     "DELETE",
+    "DataDecoder",
+    "EntryDecoder",
     "ENTRY_HEADER_SIZE",
     "MAX_KEY_SIZE",
     "PUT",
@@ -149,6 +162,41 @@ def decode_entries(payload: BytesLike) -> Iterator[tuple[bytes, bytes | None]]:
         offset = stop
 
 
+Entry = tuple[bytes, "bytes | None"]
+"""A key and its value, or None for a DELETE."""
+
+
+class DataDecoder(Protocol):
+    """Turns the DATA payloads of one load into entries (see :meth:`DirtyStore.data_decoder`)."""
+
+    def feed(self, payload: memoryview) -> Iterable[Entry]:
+        """The entries of one DATA payload (copied out: the payload is valid only during the load).
+
+        Raises:
+            ValueError: the payload is malformed.
+        """
+        ...
+
+    def close(self) -> Iterable[Entry]:
+        """What is left once the DATA records are over (the first record of
+        another type, or the stream's end, whichever comes first).
+
+        Raises:
+            ValueError: the DATA records ended in a state they cannot end in.
+        """
+        ...
+
+
+class EntryDecoder:
+    """The default :class:`DataDecoder`: DATA payloads are entries, like DIRTY ones."""
+
+    def feed(self, payload: memoryview) -> Iterator[Entry]:
+        return decode_entries(payload)
+
+    def close(self) -> tuple[()]:
+        return ()
+
+
 @dataclass(eq=False)
 class _Tracking:
     """What one pre-copy tracks (see the module's theory of operation)."""
@@ -167,7 +215,7 @@ class DirtyStore:
     """A thread-safe map of bytes keys to bytes values that migrates iteratively.
 
     Args:
-        items: the initial content (a mapping or ``(key, value)`` pairs).
+        items: the initial content (a mapping, another store, or ``(key, value)`` pairs).
         record_size: entries are packed into records of up to this many
             bytes (an entry larger than that goes alone in its record).
 
@@ -176,20 +224,21 @@ class DirtyStore:
             or an item is refused as :meth:`put` refuses it.
 
     The daemon's API (:meth:`put`, :meth:`delete`, :meth:`update`,
-    :meth:`get`, ``len``, ``in``, iteration, :meth:`items`, :meth:`digest`,
-    :attr:`total_bytes`) may be called from any thread.  Writes block while
-    the store is quiesced (:meth:`quiesce` to :meth:`resume`): do not write
-    from the event loop that serves the bus (it would stall the Resume that
-    unblocks it); write from the daemon's own threads, or pass a timeout.
+    :meth:`get`, ``[]``, ``len``, ``in``, iteration, :meth:`items`,
+    :meth:`digest`, :attr:`total_bytes`) may be called from any thread.
+    Writes block while the store is quiesced (:meth:`quiesce` to
+    :meth:`resume`): do not write from the event loop that serves the bus (it
+    would stall the Resume that unblocks it); write from the daemon's own
+    threads, or pass a timeout.
 
     The contract's methods (:meth:`save`, :meth:`load` and the
     :class:`~.daemon.PreCopyDaemon` ones) are called by the back-end library
-    from its worker threads; they are also safe from any other thread.
+    from its worker threads; they are safe from any other thread too.
     """
 
     def __init__(
         self,
-        items: Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]] = (),
+        items: Mapping[BytesLike, BytesLike] | DirtyStore | Iterable[tuple[BytesLike, BytesLike]] = (),
         *,
         record_size: int = RECORD_SIZE,
     ) -> None:
@@ -213,8 +262,8 @@ class DirtyStore:
         Raises:
             TypeError: the key or value is not bytes-like (encode a str key).
             ValueError: the key is over :data:`MAX_KEY_SIZE` bytes, or the
-                value over :func:`max_value_size` (it could not fit in a
-                record): nothing changes.
+                value over :func:`max_value_size` (its entry could not fit in
+                a record): nothing changes.
             TimeoutError: still quiesced after ``timeout`` seconds: nothing changes.
         """
         key, value = _as_key(key), _as_value(value)
@@ -243,7 +292,7 @@ class DirtyStore:
 
     def update(
         self,
-        items: Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]],
+        items: Mapping[BytesLike, BytesLike] | DirtyStore | Iterable[tuple[BytesLike, BytesLike]],
         *,
         timeout: float | None = None,
     ) -> None:
@@ -301,7 +350,7 @@ class DirtyStore:
 
         It hashes a snapshot, outside the lock, as PUT entries (the payload
         format above) in ascending key order: unambiguous, and independent
-        of the order the keys were written in.
+        of the order the keys were written in and of the DATA layout.
         """
         with self._cond:
             snapshot = dict(self._data)
@@ -315,7 +364,7 @@ class DirtyStore:
 
     @property
     def total_bytes(self) -> int:
-        """The size of the whole content as entries: what a one-shot save writes."""
+        """The size of the whole content in DATA records: what a one-shot save writes."""
         with self._cond:
             return self._total
 
@@ -325,45 +374,69 @@ class DirtyStore:
         with self._cond:
             return self._quiesced
 
+    # -- the layout of DATA records: a subclass overrides the three together ----------
+
+    def data_size(self, key: bytes, value: bytes) -> int:
+        """The bytes ``key`` takes in a DATA record (by default, its entry's size).
+
+        Called under the store's lock: keep it cheap and pure.  The sizes of
+        the entries :meth:`encode_data` gets add up to the length of its result.
+        """
+        return entry_size(key, value)
+
+    def encode_data(self, entries: list[tuple[bytes, bytes]]) -> bytes:
+        """One DATA record's payload (by default, PUT entries).
+
+        ``entries`` are in ascending key order, and follow on from the
+        previous DATA record's; their data sizes add up to at most
+        ``record_size``, unless there is only one.
+        """
+        return encode_entries(entries)
+
+    def data_decoder(self) -> DataDecoder:
+        """A new decoder of DATA payloads, for one load (by default, entries)."""
+        return EntryDecoder()
+
     # -- Daemon -----------------------------------------------------------------------
 
     def save(self) -> Iterator[bytes]:
-        """The whole content for a one-shot save: DATA record payloads.
+        """The whole content for a one-shot save: DATA record payloads, in key order.
 
-        The snapshot is taken now, under the lock (two lists of references:
-        about 16 bytes a key); the records are built from it one at a time
-        as they are pulled, so writers go on meanwhile.  A value replaced
-        during the save stays alive until its record is built.  Called by
-        the library in a worker thread.
+        The snapshot is taken now, under the lock (a shallow copy of the
+        dict); the records are built from it one at a time as they are
+        pulled, so writers go on meanwhile.  A value replaced during the
+        save stays alive until its record is built.  Called by the library
+        in a worker thread.
         """
         with self._cond:
-            keys, values = list(self._data), list(self._data.values())
-        return self._snapshot_records(keys, values)
+            snapshot = dict(self._data)
+        return self._snapshot_records(snapshot)
 
-    def _snapshot_records(self, keys: list[bytes], values: list[bytes]) -> Iterator[bytes]:
+    def _snapshot_records(self, snapshot: dict[bytes, bytes]) -> Iterator[bytes]:
+        keys = sorted(snapshot)
         position = 0
         while position < len(keys):
-            batch: list[tuple[bytes, bytes | None]] = []
+            batch: list[tuple[bytes, bytes]] = []
             size = 0
             while position < len(keys) and size < self.record_size:
-                key, value = keys[position], values[position]
-                if batch and size + entry_size(key, value) > self.record_size:
+                key = keys[position]
+                grown = size + self.data_size(key, snapshot[key])
+                if batch and grown > self.record_size:
                     break
-                batch.append((key, value))
-                size += entry_size(key, value)
-                values[position] = None  # type: ignore[call-overload]  # a replaced value is freed once sent
+                batch.append((key, snapshot.pop(key)))  # the snapshot lets go of what is sent
+                size = grown
                 position += 1
-            yield encode_entries(batch)
+            yield self.encode_data(batch)
 
     def load(self, records: Iterator[Record]) -> None:
         """Stage the content the records carry, then replace the live content with it.
 
-        Called by the library in a worker thread.  The entries of DATA and
-        DIRTY records are applied in order to a new, empty content (the
-        stream carries the whole state); the live content is replaced, under
-        the lock, only once the iterator has ended.  If it raises, or a
-        payload is malformed, the live content is untouched.  Writes made
-        during the load are lost when it commits.
+        Called by the library in a worker thread.  DATA and DIRTY records
+        are applied in order to a new, empty content (a stream carries the
+        whole state); the live content is replaced, under the lock, only
+        once the iterator has ended.  If it raises, or a payload is
+        malformed, the live content is untouched.  Writes made during the
+        load are lost when it commits.
 
         Raises:
             ValueError: a malformed payload, or a record type this store does
@@ -374,24 +447,32 @@ class DirtyStore:
             if self._tracking is not None:
                 raise RuntimeError("load while a pre-copy of this store runs")
         staged: dict[bytes, bytes] = {}
-        total = 0
+        data: DataDecoder | None = self.data_decoder()
         for record in records:
-            if record.type is RecordType.END_OF_INITIAL:
-                continue  # a marker; the decoder has checked that it is empty
-            if record.type not in (RecordType.DATA, RecordType.DIRTY):
-                raise ValueError(f"record {record.seq}: type {record.type!r} is not one a DirtyStore writes")
-            if record.payload is None:
-                raise ValueError(f"record {record.seq}: no payload (a skimming decoder cannot feed a load)")
             try:
-                for key, value in decode_entries(record.payload):
-                    old = staged.pop(key, None)
-                    if old is not None:
-                        total -= entry_size(key, old)
-                    if value is not None:
-                        staged[key] = value
-                        total += entry_size(key, value)
+                if record.type is not RecordType.DATA and data is not None:
+                    _stage(staged, data.close())
+                    data = None
+                if record.type is RecordType.END_OF_INITIAL:
+                    continue  # a marker; the decoder has checked that it is empty
+                if record.type not in (RecordType.DATA, RecordType.DIRTY):
+                    raise ValueError(f"type {record.type!r} is not one a DirtyStore writes")
+                if record.payload is None:
+                    raise ValueError("no payload (a skimming decoder cannot feed a load)")
+                if record.type is RecordType.DIRTY:
+                    _stage(staged, decode_entries(record.payload))
+                elif data is not None:
+                    _stage(staged, data.feed(record.payload))
+                else:
+                    _stage(staged, self.data_decoder().feed(record.payload))
             except ValueError as exc:
                 raise ValueError(f"record {record.seq} ({record.type.name}): {exc}") from None
+        if data is not None:
+            try:
+                _stage(staged, data.close())
+            except ValueError as exc:
+                raise ValueError(f"at the end of the stream: {exc}") from None
+        total = sum(self.data_size(key, value) for key, value in staged.items())
         with self._cond:
             self._data, self._total = staged, total
 
@@ -407,7 +488,7 @@ class DirtyStore:
             self._tracking = _Tracking(unsent=dict.fromkeys(self._data), initial_bytes=self._total)
 
     def initial_records(self) -> Iterator[bytes]:
-        """The initial data as record payloads, built lazily as they are pulled.
+        """The initial data as DATA record payloads, in key order, built as they are pulled.
 
         Each key goes with its value at the moment its record is built; a
         key changed before it is reached goes once, with its newest value; a
@@ -415,23 +496,25 @@ class DirtyStore:
         :meth:`precopy_start`, by the library's worker thread.
 
         Raises:
-            RuntimeError: no pre-copy was started (on the first pull, if the
+            RuntimeError: no pre-copy was started (on a later pull: the
                 pre-copy ended while this was being consumed).
         """
         with self._cond:
             tracking = self._require_tracking()
             keys = list(tracking.unsent)
+        keys.sort()
         return self._tracked_records(tracking, keys, initial=True)
 
     def dirty_records(self) -> Iterator[bytes]:
-        """One round: everything changed since it was last yielded, as record payloads.
+        """One round: everything changed since it was last yielded, as DIRTY record payloads.
 
         The round's keys are the dirty keys now; each goes with its value at
         the moment its record is built (a deleted key as a tombstone) and
         leaves the dirty set then.  What changes after that is in the next
         round.  If initial data is still unsent (a stop-copy cut the initial
-        records short), it joins this round.  Called by the library's worker
-        thread, after the initial records, once per round.
+        records short), it joins this round, and the initial records end.
+        Called by the library's worker thread, after the initial records,
+        once per round.
 
         Raises:
             RuntimeError: no pre-copy was started.
@@ -440,17 +523,17 @@ class DirtyStore:
             tracking = self._require_tracking()
             if tracking.unsent:
                 tracking.dirty.update(tracking.unsent)
-                tracking.dirty_bytes += tracking.initial_bytes
+                tracking.dirty_bytes += sum(entry_size(key, self._data[key]) for key in tracking.unsent)
                 tracking.unsent, tracking.initial_bytes = {}, 0
             keys = list(tracking.dirty)
         return self._tracked_records(tracking, keys, initial=False)
 
     def pending(self) -> Pending:
-        """Exact counts, in entry bytes, of what is left (any thread, O(1)).
+        """Exact counts of the record bytes left (any thread, O(1)).
 
         ``initial_bytes``: the unsent initial data; ``dirty_bytes``: the
         changed data not yet yielded again; ``total_bytes``: the whole
-        content.  Outside a pre-copy the first two are 0.
+        content (:attr:`total_bytes`).  Outside a pre-copy the first two are 0.
         """
         with self._cond:
             tracking = self._tracking
@@ -498,21 +581,21 @@ class DirtyStore:
         """With the lock held and writable: set ``key`` (delete if None) and track it."""
         old = self._data.get(key)
         if old is not None:
-            self._total -= entry_size(key, old)
+            self._total -= self.data_size(key, old)
         if value is None:
             self._data.pop(key, None)
         else:
             self._data[key] = value
-            self._total += entry_size(key, value)
+            self._total += self.data_size(key, value)
         tracking = self._tracking
         if tracking is None:
             return
-        if key in tracking.unsent:
-            tracking.initial_bytes -= entry_size(key, old)
+        if key in tracking.unsent:  # then ``old`` is its value: unsent keys are live keys
+            tracking.initial_bytes -= self.data_size(key, old)
             if value is None:
                 del tracking.unsent[key]  # never sent: the destination never needs to hear of it
             else:
-                tracking.initial_bytes += entry_size(key, value)
+                tracking.initial_bytes += self.data_size(key, value)
         elif key in tracking.dirty:
             tracking.dirty_bytes += entry_size(key, value) - entry_size(key, old)
         else:
@@ -521,23 +604,24 @@ class DirtyStore:
 
     def _tracked_records(self, tracking: _Tracking, keys: list[bytes], *, initial: bool) -> Iterator[bytes]:
         """Yield records of ``keys``, each key taken out of its set when its record is built."""
+        size_of, encode = (self.data_size, self.encode_data) if initial else (entry_size, encode_entries)
         position = 0
         while True:
             with self._cond:
                 if self._tracking is not tracking:
                     raise RuntimeError("the pre-copy ended while its records were being read")
                 pending = tracking.unsent if initial else tracking.dirty
-                batch, position, size = self._take(pending, keys, position)
+                batch, position, size = self._take(pending, keys, position, size_of)
                 if initial:
                     tracking.initial_bytes -= size
                 else:
                     tracking.dirty_bytes -= size
             if not batch:
                 return
-            yield encode_entries(batch)
+            yield encode(batch)
 
     def _take(
-        self, pending: dict[bytes, None], keys: list[bytes], position: int
+        self, pending: dict[bytes, None], keys: list[bytes], position: int, size_of: Callable[[bytes, bytes | None], int]
     ) -> tuple[list[tuple[bytes, bytes | None]], int, int]:
         """With the lock held: take the next record's entries out of ``pending``.
 
@@ -550,13 +634,22 @@ class DirtyStore:
             key = keys[position]
             if key in pending:  # else deleted while unsent, or a stop-copy's round took it
                 value = self._data.get(key)
-                if batch and size + entry_size(key, value) > self.record_size:
+                grown = size + size_of(key, value)
+                if batch and grown > self.record_size:
                     break
                 del pending[key]
                 batch.append((key, value))
-                size += entry_size(key, value)
+                size = grown
             position += 1
         return batch, position, size
+
+
+def _stage(staged: dict[bytes, bytes], entries: Iterable[Entry]) -> None:
+    for key, value in entries:
+        if value is None:
+            staged.pop(key, None)
+        else:
+            staged[key] = value
 
 
 def _as_key(key: object) -> bytes:
