@@ -78,6 +78,7 @@ from .records import BytesLike
 __all__ = [
     "DELETE",
     "DataDecoder",
+    "Entry",
     "EntryDecoder",
     "ENTRY_HEADER_SIZE",
     "MAX_KEY_SIZE",
@@ -178,8 +179,9 @@ class DataDecoder(Protocol):
         ...
 
     def close(self) -> Iterable[Entry]:
-        """What is left once the DATA records are over (the first record of
-        another type, or the stream's end, whichever comes first).
+        """What is left once the DATA records are over: called at the first
+        record of another type, or at the stream's end, whichever comes
+        first.  A DATA record may still follow (a layout may refuse it).
 
         Raises:
             ValueError: the DATA records ended in a state they cannot end in.
@@ -447,27 +449,23 @@ class DirtyStore:
             if self._tracking is not None:
                 raise RuntimeError("load while a pre-copy of this store runs")
         staged: dict[bytes, bytes] = {}
-        data: DataDecoder | None = self.data_decoder()
+        data, data_open = self.data_decoder(), True
         for record in records:
             try:
-                if record.type is not RecordType.DATA and data is not None:
+                if record.type is not RecordType.DATA and data_open:
                     _stage(staged, data.close())
-                    data = None
+                    data_open = False
                 if record.type is RecordType.END_OF_INITIAL:
                     continue  # a marker; the decoder has checked that it is empty
                 if record.type not in (RecordType.DATA, RecordType.DIRTY):
                     raise ValueError(f"type {record.type!r} is not one a DirtyStore writes")
                 if record.payload is None:
                     raise ValueError("no payload (a skimming decoder cannot feed a load)")
-                if record.type is RecordType.DIRTY:
-                    _stage(staged, decode_entries(record.payload))
-                elif data is not None:
-                    _stage(staged, data.feed(record.payload))
-                else:
-                    _stage(staged, self.data_decoder().feed(record.payload))
+                entries = data.feed(record.payload) if record.type is RecordType.DATA else decode_entries(record.payload)
+                _stage(staged, entries)
             except ValueError as exc:
                 raise ValueError(f"record {record.seq} ({record.type.name}): {exc}") from None
-        if data is not None:
+        if data_open:
             try:
                 _stage(staged, data.close())
             except ValueError as exc:
