@@ -58,6 +58,20 @@ def stream(*parts: tuple[RecordType, Iterable[bytes]]) -> Stream:
     return records
 
 
+@pytest.fixture
+def report_file(tmp_path):
+    """Open report files as memstate does (append), closed at the end of the test."""
+    opened = []
+
+    def open_report(name: str):
+        opened.append((tmp_path / name).open("a"))
+        return opened[-1]
+
+    yield open_report
+    for file in opened:
+        file.close()
+
+
 def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -105,9 +119,9 @@ def test_a_one_shot_save_is_the_raw_memory_without_a_copy():
 
 
 @pytest.mark.parametrize("cut", [BLOCK_SIZE, 40000, SIZE, 1 << 24])
-def test_a_raw_image_loads_however_it_was_cut(cut, tmp_path):
+def test_a_raw_image_loads_however_it_was_cut(cut, tmp_path, report_file):
     state = bytes(deterministic_state(SIZE, 4))
-    dest = MemState(save_loaded=tmp_path / "loaded", report=tmp_path / "report")
+    dest = MemState(save_loaded=tmp_path / "loaded", report=report_file("report"))
     dest.load(iter(stream((RecordType.DATA, [state[i : i + cut] for i in range(0, len(state), cut)]))))
     assert b"".join(dest.blocks()) == state == (tmp_path / "loaded").read_bytes()
     assert [len(b) for b in dest.blocks()] == [BLOCK_SIZE] * 3 + [12345]
@@ -148,9 +162,9 @@ def test_dirty_records_are_entries_of_whole_blocks():
     memory.precopy_end()
 
 
-def test_iterative_migration_with_the_dirtier_running(tmp_path):
+def test_iterative_migration_with_the_dirtier_running(tmp_path, report_file):
     report = tmp_path / "report"
-    source = MemState(deterministic_blocks(8 * BLOCK_SIZE + 100, 6), report=report)
+    source = MemState(deterministic_blocks(8 * BLOCK_SIZE + 100, 6), report=report_file("report"))
     dirtier = Dirtier(source, rate=40 << 20, seed=1)
     dirtier.start()
     try:
@@ -177,7 +191,7 @@ def test_iterative_migration_with_the_dirtier_running(tmp_path):
     assert rewritten > 2 * BLOCK_SIZE, "the dirtier hardly ran"
     assert any(r.type is RecordType.DIRTY for r in records)
     dest_report = tmp_path / "dest-report"
-    dest = MemState(save_loaded=tmp_path / "loaded", report=dest_report)
+    dest = MemState(save_loaded=tmp_path / "loaded", report=report_file("dest-report"))
     dest.load(iter(records))
     [quiesced] = [json.loads(line) for line in report.read_text().splitlines()]
     [loaded] = [json.loads(line) for line in dest_report.read_text().splitlines()]

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from ..backend import Backend, InlineMode, ThreadedBackend
 from ..backend.dirty import DirtyStore, Entry
@@ -112,15 +113,18 @@ class MemState(DirtyStore):
         blocks: the memory, block after block, taken one at a time (the
             memory is never held twice).
         save_loaded: write the memory received by each Load to this file.
-        report: append one JSON line to this file at each quiesce and after
-            each successful load: ``{"event": "quiesced"|"loaded",
+        report: a text file, open (and opened before the daemon sandboxes
+            itself), to which one JSON line is written at each quiesce and
+            after each successful load: ``{"event": "quiesced"|"loaded",
             "digest": SHA-256 of the memory (hex), "bytes": its size}``.
 
     Raises:
         ValueError: a block but the last is not ``BLOCK_SIZE`` bytes.
     """
 
-    def __init__(self, blocks: Iterable[bytes] = (), *, save_loaded: Path | None = None, report: Path | None = None) -> None:
+    def __init__(
+        self, blocks: Iterable[bytes] = (), *, save_loaded: Path | None = None, report: TextIO | None = None
+    ) -> None:
         super().__init__(record_size=BLOCK_SIZE)
         self._save_loaded = save_loaded
         self._report = report
@@ -189,8 +193,8 @@ class MemState(DirtyStore):
         if self._report is None:
             return
         digest, size = self.memory_digest()
-        with self._report.open("a") as file:
-            file.write(json.dumps({"event": event, "digest": digest, "bytes": size}) + "\n")
+        self._report.write(json.dumps({"event": event, "digest": digest, "bytes": size}) + "\n")
+        self._report.flush()
 
 
 class _MemoryImage:
@@ -335,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         blocks = file_blocks(args.state_file)
     else:
         blocks = deterministic_blocks(args.size, args.seed)
-    memstate = MemState(blocks, save_loaded=args.save_loaded, report=args.report)
+    report = args.report.open("a") if args.report is not None else None  # now: a sandbox forbids open
+    memstate = MemState(blocks, save_loaded=args.save_loaded, report=report)
     dirtier = Dirtier(memstate, args.dirty_rate, args.seed) if args.dirty_rate else None
     if dirtier is not None:
         dirtier.start()
@@ -348,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dirtier is not None:
             dirtier.stop()
+        if report is not None:
+            report.close()
     return 0
 
 
