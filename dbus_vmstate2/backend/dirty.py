@@ -77,14 +77,14 @@ from .records import BytesLike
 
 __all__ = [
     "DELETE",
-    "DataDecoder",
-    "Entry",
-    "EntryDecoder",
     "ENTRY_HEADER_SIZE",
     "MAX_KEY_SIZE",
     "PUT",
     "RECORD_SIZE",
+    "DataDecoder",
     "DirtyStore",
+    "Entry",
+    "EntryDecoder",
     "decode_entries",
     "encode_entries",
     "entry_size",
@@ -104,6 +104,9 @@ MAX_KEY_SIZE = 0xFFFF
 RECORD_SIZE = 1 << 20
 """The default record size: entries are packed up to this many bytes."""
 
+Entry = tuple[bytes, bytes | None]
+"""A key and its value, or None for a DELETE."""
+
 
 def entry_size(key: bytes, value: bytes | None) -> int:
     """The encoded size of the entry for ``key``: a PUT of ``value``, or a tombstone if None."""
@@ -115,7 +118,7 @@ def max_value_size(key: bytes) -> int:
     return MAX_RECORD_SIZE - ENTRY_HEADER_SIZE - len(key)
 
 
-def encode_entries(entries: Iterable[tuple[bytes, bytes | None]]) -> bytes:
+def encode_entries(entries: Iterable[Entry]) -> bytes:
     """One record payload: each ``(key, value)`` as a PUT, or as a DELETE if value is None.
 
     The values are copied once, into the payload (``b"".join``).
@@ -129,7 +132,7 @@ def encode_entries(entries: Iterable[tuple[bytes, bytes | None]]) -> bytes:
     return b"".join(parts)
 
 
-def decode_entries(payload: BytesLike) -> Iterator[tuple[bytes, bytes | None]]:
+def decode_entries(payload: BytesLike) -> Iterator[Entry]:
     """The entries of one record payload, in order: ``(key, value)``, value None for a DELETE.
 
     Keys and values are copied out of ``payload`` (a record's payload is only
@@ -161,10 +164,6 @@ def decode_entries(payload: BytesLike) -> Iterator[tuple[bytes, bytes | None]]:
         key = bytes(view[start : start + key_size])
         yield key, (bytes(view[start + key_size : stop]) if op == PUT else None)
         offset = stop
-
-
-Entry = tuple[bytes, "bytes | None"]
-"""A key and its value, or None for a DELETE."""
 
 
 class DataDecoder(Protocol):
@@ -389,9 +388,9 @@ class DirtyStore:
     def encode_data(self, entries: list[tuple[bytes, bytes]]) -> bytes:
         """One DATA record's payload (by default, PUT entries).
 
-        ``entries`` are in ascending key order, and follow on from the
-        previous DATA record's; their data sizes add up to at most
-        ``record_size``, unless there is only one.
+        ``entries`` are in ascending key order, after the previous DATA
+        record's (a key deleted before it was reached is left out); their
+        data sizes add up to at most ``record_size``, unless there is only one.
         """
         return encode_entries(entries)
 
@@ -620,13 +619,13 @@ class DirtyStore:
 
     def _take(
         self, pending: dict[bytes, None], keys: list[bytes], position: int, size_of: Callable[[bytes, bytes | None], int]
-    ) -> tuple[list[tuple[bytes, bytes | None]], int, int]:
+    ) -> tuple[list[Entry], int, int]:
         """With the lock held: take the next record's entries out of ``pending``.
 
         Returns the entries (key, current value or None), the position in
         ``keys`` to go on from, and the entries' size.
         """
-        batch: list[tuple[bytes, bytes | None]] = []
+        batch: list[Entry] = []
         size = 0
         while position < len(keys) and size < self.record_size:
             key = keys[position]
