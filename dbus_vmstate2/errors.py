@@ -160,3 +160,9 @@ class BusLost(VMStateError):
 
 class DiscoveryError(VMStateError):
     """The back-ends on the bus are not the ones asked for (missing or duplicate Ids)."""
+
+
+class MigrationAborted(VMStateError):
+    """The VMM helper gave up a live migration before it completed: the state
+    changed faster than it could be sent, a back-end stalled or failed, or a
+    time limit passed.  The message gives the figures; the source runs on."""

@@ -7,7 +7,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Debian packages: the bus daemon, busctl, stock QEMU (VMState1 interop
-# tests) and the zstd command (the benchmark's baseline).
+# tests), the zstd command (the benchmark's baseline) and libseccomp (the
+# sandbox test's filter, through pyseccomp).
 python=${PYTHON:-python3}
 need_apt=()
 # Debian's own python3 makes virtual environments only with python3-venv.
@@ -16,6 +17,7 @@ command -v dbus-daemon >/dev/null || need_apt+=(dbus-daemon)
 command -v busctl >/dev/null || need_apt+=(systemd)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v zstd >/dev/null || need_apt+=(zstd)
+dpkg-query -W -f='${Status}' libseccomp2 2>/dev/null | grep -q "ok installed" || need_apt+=(libseccomp2)
 if ((${#need_apt[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

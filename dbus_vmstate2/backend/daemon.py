@@ -28,14 +28,15 @@ Which thread calls what:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Iterator
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from ..stream import Record
 from .records import BytesLike, SaveResult
 
-__all__ = ["Daemon", "Pending", "PreCopyDaemon", "SaveResult"]
+__all__ = ["Daemon", "LoadCallable", "Pending", "PreCopyDaemon", "SaveCallable", "SaveResult", "as_daemon"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,4 +106,39 @@ class PreCopyDaemon(Daemon, Protocol):
         ...
 
 
-LoadRecords: TypeAlias = Iterator[Record]
+SaveCallable: TypeAlias = Callable[[], SaveResult | Awaitable[SaveResult]]
+LoadCallable: TypeAlias = Callable[[Iterator[bytes]], Any]
+
+
+class Callables:
+    """A :class:`Daemon` made of a save and a load callable, the library's
+    first form (``Backend(id, save, load)``), kept for the daemons that use
+    it: ``load`` gets the records' payloads (read-only memoryviews) only."""
+
+    def __init__(self, save: SaveCallable, load: LoadCallable) -> None:
+        if inspect.iscoroutinefunction(load):
+            raise TypeError("load must be a plain function: it runs in the transfer's thread and pulls records as they arrive")
+        self.save = save
+        self._load = load
+
+    def load(self, records: Iterator[Record]) -> None:
+        self._load(record.payload for record in records)
+
+
+def as_daemon(daemon: Daemon | SaveCallable, load: LoadCallable | None) -> Daemon:
+    """The :class:`Daemon` behind Backend's arguments: a daemon object, or a
+    save and a load callable.
+
+    Raises:
+        TypeError: neither form, or a coroutine function as ``load``.
+    """
+    if load is not None:
+        return Callables(daemon, load)
+    if not isinstance(daemon, Daemon):
+        raise TypeError(
+            f"a back-end needs a daemon object with save() and load(records), or a save and a load callable; "
+            f"got {type(daemon).__name__}"
+        )
+    if inspect.iscoroutinefunction(daemon.load):
+        raise TypeError("the daemon's load must be a plain function: it runs in a worker thread")
+    return daemon

@@ -34,6 +34,10 @@ class ThreadedBackend:
     def start(self, timeout: float = 30.0) -> None:
         """Connect and register; return once the back-end is on the bus.
 
+        Its threads (this adapter's and the workers) are running by then: a
+        daemon that sandboxes itself next must apply its seccomp filter to
+        every thread (TSYNC), see the README's sandbox contract.
+
         Raises:
             whatever :meth:`Backend.start` raised (the bus is unreachable, ...).
             TimeoutError: registration took longer than ``timeout`` seconds.

@@ -9,8 +9,13 @@ their number, so it migrates iteratively as well (SavePreCopy): with
 ``--dirty-rate R`` a thread keeps rewriting random blocks at about R bytes a
 second while it runs, and ``--report F`` appends a JSON line to F at every
 quiesce and every successful load, so that a test can check that the
-destination got the state the source had when it stopped.  Once registered
-it prints one line, ``READY <unique bus name>``, on standard output.  It runs
+destination got the state the source had when it stopped.  With
+``--sandbox`` it loads a seccomp filter right after registering that kills
+it on any open, socket, exec or new thread (``--sandbox=threads``: new
+threads allowed, for Save's workers option; :mod:`.sandbox`, needs the
+pyseccomp package); the report file is opened before, and the dirtier thread
+started before.  Once registered it prints one line, ``READY <unique bus
+name>``, on standard output.  It runs
 until SIGTERM, SIGINT or the loss of its bus.
 
     python -m dbus_vmstate2.examples.memstate --address ADDR --id ID --size 1M --seed 1
@@ -42,6 +47,7 @@ from typing import TextIO
 from ..backend import Backend, InlineMode, ThreadedBackend
 from ..backend.dirty import DirtyStore, Entry
 from ..stream import Record
+from .sandbox import apply_kill_filter
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -294,15 +300,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--vmstate1", choices=[m.value for m in InlineMode], default=InlineMode.STREAM.value,
         help="serve QEMU's VMState1 with a stream blob (default), a raw legacy blob, or not at all (off)",
     )
+    parser.add_argument(
+        "--sandbox", nargs="?", const="strict", choices=["strict", "threads"],
+        help="after registering, load a seccomp filter that kills the process on open, socket, exec or a new "
+        "thread (=threads: new threads allowed, as a Save with workers needs); needs pyseccomp",
+    )
     return parser
+
+
+def _sandbox(mode: str) -> None:
+    try:
+        apply_kill_filter(allow_threads=mode == "threads")
+    except ImportError as exc:
+        raise SystemExit(f"--sandbox needs the pyseccomp package and libseccomp: {exc}") from None
+    logging.info("sandboxed: open, socket, exec%s now kill this process", "" if mode == "threads" else " and new threads")
 
 
 def _print_ready(unique_name: str) -> None:
     print(f"READY {unique_name}", flush=True)
 
 
-async def _serve_asyncio(backend: Backend) -> None:
+async def _serve_asyncio(backend: Backend, sandbox: str | None) -> None:
     await backend.start()
+    if sandbox:
+        _sandbox(sandbox)
     _print_ready(backend.unique_name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -316,7 +337,7 @@ async def _serve_asyncio(backend: Backend) -> None:
     await closed
 
 
-def _serve_threaded(backend: ThreadedBackend) -> None:
+def _serve_threaded(backend: ThreadedBackend, sandbox: str | None) -> None:
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -326,6 +347,8 @@ def _serve_threaded(backend: ThreadedBackend) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     backend.start()
+    if sandbox:
+        _sandbox(sandbox)
     _print_ready(backend.unique_name)
     while not stop and not backend.wait_closed(timeout=0.2):
         pass
@@ -333,7 +356,10 @@ def _serve_threaded(backend: ThreadedBackend) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sandbox and args.save_loaded is not None:
+        parser.error("--save-loaded writes a file, which --sandbox forbids")
     logging.basicConfig(level=logging.INFO, format=f"memstate[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if args.state_file is not None:
         blocks = file_blocks(args.state_file)
@@ -347,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     options = {"address": args.address, "vmstate1": args.vmstate1}
     try:
         if args.threaded:
-            _serve_threaded(ThreadedBackend(args.id, memstate, **options))
+            _serve_threaded(ThreadedBackend(args.id, memstate, **options), args.sandbox)
         else:
-            asyncio.run(_serve_asyncio(Backend(args.id, memstate, **options)))
+            asyncio.run(_serve_asyncio(Backend(args.id, memstate, **options), args.sandbox))
     finally:
         if dirtier is not None:
             dirtier.stop()
