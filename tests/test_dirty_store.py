@@ -13,12 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ._without_core import install
-
-install()  # TEMPORARY, while the core does not import: see tests/_without_core.py
-from dbus_vmstate2.backend import dirty  # noqa: E402
-from dbus_vmstate2.backend.daemon import Daemon, Pending, PreCopyDaemon  # noqa: E402
-from dbus_vmstate2.stream import MAX_RECORD_SIZE, Compression, Record, RecordType, decode_stream, encode_stream  # noqa: E402
+from dbus_vmstate2.backend import dirty
+from dbus_vmstate2.backend.daemon import Daemon, Pending, PreCopyDaemon
+from dbus_vmstate2.stream import MAX_RECORD_SIZE, Compression, Record, RecordType, decode_stream, encode_stream
 
 DirtyStore = dirty.DirtyStore
 entry_size = dirty.entry_size

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterable
 
@@ -13,12 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ._without_core import install
-
-install()  # TEMPORARY, while the core does not import: see tests/_without_core.py
-from dbus_vmstate2.backend.daemon import Pending, PreCopyDaemon  # noqa: E402
-from dbus_vmstate2.backend.dirty import decode_entries, encode_entries, entry_size  # noqa: E402
-from dbus_vmstate2.examples.memstate import (  # noqa: E402
+from dbus_vmstate2.backend.daemon import Pending, PreCopyDaemon
+from dbus_vmstate2.backend.dirty import decode_entries, encode_entries, entry_size
+from dbus_vmstate2.examples.memstate import (
     BLOCK_SIZE,
     Dirtier,
     MemState,
@@ -28,7 +24,7 @@ from dbus_vmstate2.examples.memstate import (  # noqa: E402
     deterministic_state,
     file_blocks,
 )
-from dbus_vmstate2.stream import Record, RecordType  # noqa: E402
+from dbus_vmstate2.stream import Record, RecordType
 
 SIZE = 3 * BLOCK_SIZE + 12345
 
