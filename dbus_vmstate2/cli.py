@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from dbus_fast import Variant
 
 from . import entry
-from .display import StatusLine, duration, live_line, progress_line, size
+from .display import StatusLine, duration, live_line, parse_size, progress_line, size
 from .errors import StreamError, VMStateError
 from .stream.container import StreamInfo
 from .vmm import (
@@ -402,16 +402,18 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
                       help="give up a pre-copy that has not switched over after S seconds (default 300)")
     live.add_argument("--stall-timeout", type=_positive(float), default=10.0, metavar="S",
                       help="give up if a back-end with data to send sends nothing for S seconds (default 10)")
+    live.add_argument("--max-bandwidth", type=_positive(parse_size), metavar="BYTES_PER_SECOND",
+                      help="cap the rate read from the back-ends, in total (e.g. 100M; default: no cap)")
     live.add_argument("--resume", action="store_true", help="resume the back-ends once the file is saved")
     _add_json(p)
     p.set_defaults(func=cmd_save)
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
@@ -467,7 +469,7 @@ def _save_live(args: argparse.Namespace, options: dict[str, Variant]) -> int:
                 return await save_live(
                     session.bus, session.backends, args.file, options, config, progress,
                     on_status=note,
-                    switch_over=switch_over, resume=args.resume,
+                    switch_over=switch_over, resume=args.resume, max_bandwidth=args.max_bandwidth,
                 )
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)

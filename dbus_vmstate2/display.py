@@ -7,13 +7,32 @@ tests call them directly.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .vmm.precopy import Status
-from .vmm.transfers import Progress
+if TYPE_CHECKING:
+    from .vmm.precopy import Status
+    from .vmm.transfers import Progress
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``256M``, ``2G`` -> bytes (binary units)."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    try:
+        value = int(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return value
+
+
 
 
 def size(n: float) -> str:

@@ -45,23 +45,11 @@ from pathlib import Path
 from typing import TextIO
 
 from ..backend import Backend, InlineMode, ThreadedBackend
+from ..display import parse_size
 from ..backend.dirty import DirtyStore, Entry
-from ..stream import Record
+from ..stream import Record, RecordType
 from .sandbox import apply_kill_filter
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``256M``, ``2G`` -> bytes (binary units)."""
-    unit = text[-1:].upper() if text[-1:].isalpha() else ""
-    try:
-        value = int(text[: len(text) - len(unit)]) * _UNITS[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 2G)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return value
 
 
 BLOCK_SIZE = 1 << 20
@@ -297,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threaded", action="store_true", help="use the threaded adapter instead of asyncio")
     parser.add_argument(
+        "--one-shot-only", action="store_true",
+        help="offer only one-shot saves (the library's save and load callables form), no pre-copy",
+    )
+    parser.add_argument(
         "--vmstate1", choices=[m.value for m in InlineMode], default=InlineMode.STREAM.value,
         help="serve QEMU's VMState1 with a stream blob (default), a raw legacy blob, or not at all (off)",
     )
@@ -306,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         "thread (=threads: new threads allowed, as a Save with workers needs); needs pyseccomp",
     )
     return parser
+
+
+def _as_records(payloads: Iterable[memoryview]) -> Iterator[Record]:
+    """The callables form hands load bare payloads: all DATA records."""
+    for seq, payload in enumerate(payloads):
+        yield Record(seq, RecordType.DATA, payload, len(payload), len(payload))
 
 
 def _sandbox(mode: str) -> None:
@@ -371,11 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if dirtier is not None:
         dirtier.start()
     options = {"address": args.address, "vmstate1": args.vmstate1}
+    # A daemon object, or (without iterative support) its save and load callables.
+    daemon = (memstate.save, lambda payloads: memstate.load(_as_records(payloads))) if args.one_shot_only else (memstate,)
     try:
         if args.threaded:
-            _serve_threaded(ThreadedBackend(args.id, memstate, **options), args.sandbox)
+            _serve_threaded(ThreadedBackend(args.id, *daemon, **options), args.sandbox)
         else:
-            asyncio.run(_serve_asyncio(Backend(args.id, memstate, **options), args.sandbox))
+            asyncio.run(_serve_asyncio(Backend(args.id, *daemon, **options), args.sandbox))
     finally:
         if dirtier is not None:
             dirtier.stop()

@@ -53,7 +53,7 @@ from .precopy import (
     SwitchOver,
 )
 from .savefile import SaveFileWriter, save_target
-from .transfers import Operation, Progress, in_thread, labelled, pump_to_file, wait_regardless
+from .transfers import Operation, Progress, Throttle, in_thread, labelled, pump_to_file, wait_regardless
 
 TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
@@ -108,6 +108,7 @@ async def save_live(
     on_status: Callable[[Status], None] | None = None,
     switch_over: asyncio.Event | None = None,
     resume: bool = False,
+    max_bandwidth: float | None = None,
 ) -> Summary:
     """Save ``backends`` live into one new file at ``path``.
 
@@ -119,6 +120,8 @@ async def save_live(
         switch_over: set it to switch over now, whatever the plan says.
         resume: resume the back-ends once the file is committed (else they
             stay ``stopped``).
+        max_bandwidth: cap the total rate read from the back-ends, in bytes
+            per second (QEMU's ``max-bandwidth``); None: no cap.
 
     Returns:
         The plan's summary: bytes, rounds, times, the measured downtime.
@@ -139,12 +142,13 @@ async def save_live(
     operation = Operation(bus, backends)
     sources = [_Source(b) for b in backends]
     wake = asyncio.Event()
+    throttle = Throttle(max_bandwidth) if max_bandwidth is not None else None
     try:
         async with operation.signals, _InitialSignals(bus, wake) as initial:
             progress.begin("pre-copy")
             try:
                 for source in sources:
-                    await _start(operation, writer, source, options or {}, progress, wake)
+                    await _start(operation, writer, source, options or {}, progress, wake, throttle)
                 summary = await _drive(bus, sources, initial, config, progress, wake, on_status, switch_over)
             except BaseException:
                 await wait_regardless(asyncio.ensure_future(_abandon(bus, operation, sources)))
@@ -162,7 +166,7 @@ async def save_live(
 
 async def _start(
     operation: Operation, writer: SaveFileWriter, source: _Source, options: dict[str, Variant], progress: Progress,
-    wake: asyncio.Event,
+    wake: asyncio.Event, throttle: Throttle | None,
 ) -> None:
     backend = source.backend
     stream = writer.open_stream(backend.id)
@@ -179,7 +183,7 @@ async def _start(
 
     async def pump() -> None:
         try:
-            await in_thread(pump_to_file, read_end, writer, stream, backend.id, progress)
+            await in_thread(pump_to_file, read_end, writer, stream, backend.id, progress, throttle)
             writer.close_stream(stream)
         except StreamError as exc:
             raise labelled(backend, BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}")) from exc
@@ -227,7 +231,7 @@ async def _drive(
             decision = plan.tick(time.monotonic(), observations)
         if isinstance(decision, SwitchOver) and not switched:
             switched = True
-            progress.begin("stop-copy")
+            progress.phase = "stop-copy"  # not begin(): the received counts go on
             await asyncio.gather(*(
                 call(bus, s.backend.unique_name, VMSTATE2, "StopCopy", "t", [s.number]) for s in sources
             ))
@@ -255,13 +259,15 @@ async def _observe(bus: MessageBus, source: _Source, initial: _InitialSignals, p
     received = progress.done.get(backend.id, 0)
     if source.done:
         return Observation(backend.id, received, initial_data_sent=True)
+    pending = None
     try:
-        pending = PendingReply(*await call(bus, backend.unique_name, VMSTATE2, "Pending"))
-        number, _, _, raw, stream = await call(bus, backend.unique_name, VMSTATE2, "Check")
+        number, finished, _, raw, stream = await call(bus, backend.unique_name, VMSTATE2, "Check")
+        if number == source.number:
+            source.counters = Counters(raw, stream)
+            if not finished:  # once stopped, Pending no longer describes this transfer
+                pending = PendingReply(*await call(bus, backend.unique_name, VMSTATE2, "Pending"))
     except VMStateError:
-        pending, number = None, None  # its outcome (TransferFinished) will say what happened
-    if number == source.number:
-        source.counters = Counters(raw, stream)
+        pass  # its outcome (TransferFinished) will say what happened
     return Observation(
         backend.id, received, pending, initial_data_sent=backend.unique_name in initial.senders, written=source.counters
     )

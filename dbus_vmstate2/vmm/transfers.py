@@ -415,17 +415,42 @@ async def _reported_failure(signals: FinishedSignals, backend: BackendInfo, numb
         pass
 
 
-def pump_to_file(fd: int, writer: SaveFileWriter, stream: int, backend_id: str, progress: Progress) -> None:
+class Throttle:
+    """Caps the total rate of the pumps that share it, in bytes per second
+    (QEMU's ``max-bandwidth``): each pump waits after a read until the bytes
+    read so far fit the rate."""
+
+    def __init__(self, rate: float) -> None:
+        if not rate > 0:
+            raise ValueError(f"a bandwidth cap must be more than 0 bytes per second, not {rate!r}")
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def take(self, size: int) -> None:
+        """Account for ``size`` bytes just moved; sleep as long as the cap asks."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + size / self.rate
+            delay = self._free_at - now
+        time.sleep(delay)
+
+
+def pump_to_file(
+    fd: int, writer: SaveFileWriter, stream: int, backend_id: str, progress: Progress, throttle: Throttle | None = None
+) -> None:
     # One buffer for the whole stream: a fresh 1 MiB bytes per read costs
     # page faults that showed up as system time.  The writer has written
     # (and its skimming decoder consumed) each piece before write() returns.
-    buffer = bytearray(CHUNK)
+    buffer = bytearray(CHUNK if throttle is None else min(CHUNK, max(4096, int(throttle.rate / 20))))
     view = memoryview(buffer)
     total = 0
     while size := os.readv(fd, [buffer]):
         writer.write(stream, view[:size])
         total += size
         progress.done[backend_id] = total
+        if throttle is not None:
+            throttle.take(size)
 
 
 async def load_from_file(
