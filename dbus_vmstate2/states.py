@@ -269,7 +269,7 @@ class Machine:
         if arc.refusal is not None:
             kind = self.transfer.operation if self.transfer else "a transfer"
             number = f" #{self.transfer.number}" if self.transfer else ""
-            raise arc.refusal(f"{event} refused: the back-end is busy with {kind}{number} (state {self.state})")
+            raise arc.refusal(f"busy with {kind}{number} (state {self.state})")
         return arc
 
     @staticmethod

@@ -40,7 +40,7 @@ def test_every_pair_is_an_arc_busy_or_invalid_state_and_refusals_change_nothing(
     if arc is None or arc.refusal is not None:
         with pytest.raises(InvalidState if arc is None else Busy) as raised:
             m.handle(event, 2.0, caller=":1.1", number=m.transfer.number if m.transfer else None)
-        assert str(event) in str(raised.value)
+        assert str(event) in str(raised.value) or "busy with" in str(raised.value)
         after = (m.state, m.transfer.number if m.transfer else None, m.transfer.finished if m.transfer else None)
         assert after == before
     else:
