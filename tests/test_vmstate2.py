@@ -261,7 +261,7 @@ async def test_capabilities(client, memstate):
     assert caps["stream-versions"] == [1]
     assert set(caps["compression"]) == {"none", "zstd"}
     assert caps["inline-size-limit"] == 1 << 20
-    assert caps["pre-copy"] is False
+    assert caps["pre-copy"] is True  # memstate's DirtyStore is a PreCopyDaemon
 
 
 async def test_load_callable_that_stops_early_moves_to_error(bus_address, client):
