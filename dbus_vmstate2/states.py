@@ -264,7 +264,7 @@ class Machine:
         try:
             arc = TRANSITIONS[self.state][event]
         except KeyError:
-            allowed = ", ".join(e for e, a in TRANSITIONS[self.state].items() if a.target is not None)
+            allowed = ", ".join(e for e, a in TRANSITIONS[self.state].items() if a.target is not None and e not in OUTCOMES)
             raise InvalidState(f"{event} is not allowed in state {self.state} (allowed: {allowed})") from None
         if arc.refusal is not None:
             kind = self.transfer.operation if self.transfer else "a transfer"
