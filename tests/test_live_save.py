@@ -20,6 +20,7 @@ import pytest
 
 from .conftest import ROOT, count_fds
 from .test_interrupts import interrupted, spawn, temp_files
+from .test_large_state import memory, reset_peak, run_measured
 from .test_vmm import backend_state, cli, wait_for
 
 ENV = {**os.environ, "PYTHONWARNINGS": "error"}
@@ -132,3 +133,22 @@ class _other_bus:  # noqa: N801 - a context manager
 
     def __exit__(self, *exc: object) -> None:
         self._bus.stop()
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_many_rounds_of_a_1_gib_state(bus_address, memstate, tmp_path):
+    source = memstate("big", "--size", "1G", "--seed", "6", "--dirty-rate", "64M")
+    fds = count_fds(source.process.pid)
+    before = reset_peak(source.process.pid)
+    saved = tmp_path / "big.vmstate"
+    # The cap keeps the state from converging: 20 rounds of changes, then forced.
+    code, vmm_peak, stderr = run_measured(
+        "save", str(saved), "--live", "--compression", "none", "--max-bandwidth", "256M", "--max-rounds", "20",
+        "--force", "--resume", "--json", "--address", bus_address,
+    )
+    assert code == 0, stderr
+    growth = memory(source.process.pid)["VmHWM"] - before
+    assert vmm_peak < 100 << 20, f"the VMM helper peaked at {vmm_peak >> 20} MiB"
+    assert growth < 64 << 20, f"the back-end grew by {growth >> 20} MiB beyond its state"
+    assert count_fds(source.process.pid) == fds
+    assert saved.stat().st_size > 1 << 30

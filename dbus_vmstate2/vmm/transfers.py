@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..backend.channel import enlarge_pipe
+from ..fds import enlarge_pipe
 from ..errors import (
     BackendFailed,
     Cancelled,
