@@ -212,3 +212,36 @@ def _read_all(fd: int) -> bytes:
         chunks.append(data)
     os.close(fd)
     return b"".join(chunks)
+
+
+@pytest.mark.parametrize("phase", ["pre-copy", "stop-copy"])
+async def test_a_killed_destination_leaves_the_source_serving(tmp_path, two_buses, phase):
+    (src_bus, src), (dst_bus, dst) = two_buses
+    src_report = tmp_path / "src.jsonl"
+    source = start_memstate(src_bus, "fs", "--size", "64M", "--seed", "8", "--dirty-rate", "4M", "--report", str(src_report))
+    dest = start_memstate(dst_bus, "fs")
+    try:
+        [s], [d] = await list_backends(src), await list_backends(dst)
+        fds = count_fds(source.process.pid)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(src, s, "SavePreCopy", w, NONE)
+        await start(dst, d, "Load", r)  # the destination alone now holds the read end
+        for _ in range(200):
+            if (await pending(src, s))[0] < 48 << 20:
+                break
+            await asyncio.sleep(0.05)
+        if phase == "stop-copy":
+            await call(src, s.unique_name, VMSTATE2, "StopCopy", "t", [number])
+        dest.process.kill()
+        with pytest.raises(Exception, match="reader"):
+            await outcome(src, s, number)
+        assert await state(src, s) == "running"
+        r, w = os.pipe2(os.O_CLOEXEC)
+        again = await start(src, s, "Save", w, NONE)
+        data = await asyncio.to_thread(_read_all, r)
+        await outcome(src, s, again)
+        assert len(data) > 64 << 20
+        assert count_fds(source.process.pid) == fds
+    finally:
+        source.stop()
+        dest.stop()
