@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from dbus_fast import Variant
 
 from . import entry
+from .display import StatusLine, duration, live_line, parse_size, progress_line, size
 from .errors import StreamError, VMStateError
 from .stream.container import StreamInfo
 from .vmm import (
@@ -38,9 +39,12 @@ from .vmm import (
     load_from_file,
     open_session,
     reset,
+    resume,
     save_to_file,
     status,
 )
+from .vmm.live import save_live
+from .vmm.precopy import PreCopyConfig, Status, Summary
 from .vmm.savefile import SaveFileReader, read_index, save_target, verify_streams
 
 T = TypeVar("T")
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load(sub)
     _add_cancel(sub)
     _add_reset(sub)
+    _add_resume(sub)
     _add_inspect(sub)
     return parser
 
@@ -198,23 +203,6 @@ def _err(text: str) -> None:
         pass
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def _columns(lines: list[list[str]]) -> str:
     """Rows in aligned columns; the last column runs free."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
@@ -311,7 +299,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         caps = s.capabilities
         summary = (
             f"stream v{','.join(map(str, caps.get('stream-versions', [])))}, {'/'.join(caps.get('compression', []))}, "
-            f"records <= {_size(caps.get('max-record-size', 0))}, pre-copy {'yes' if caps.get('pre-copy') else 'no'}, "
+            f"records <= {size(caps.get('max-record-size', 0))}, pre-copy {'yes' if caps.get('pre-copy') else 'no'}, "
             f"VMState1 {caps.get('vmstate1', 'stream')}"
         ) if caps else "VMState1 only (<= 1 MiB)"
         lines.append([s.id, s.unique_name, s.state, summary])
@@ -368,7 +356,7 @@ def _transfer_text(r: StatusReport) -> str:
         return "none yet" if r.state != "vmstate1-only" else "-"
     if t.error is not None:
         return f"failed: {type(t.error).__name__}: {t.error}"
-    counters = f"{t.records} records, {_size(t.raw_bytes or 0)} of state, {_size(t.stream_bytes or 0)} of stream"
+    counters = f"{t.records} records, {size(t.raw_bytes or 0)} of state, {size(t.stream_bytes or 0)} of stream"
     return f"#{t.number} {'done' if t.finished else 'running'}: {counters}"
 
 
@@ -396,8 +384,42 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd", help="default: zstd")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     p.add_argument("--workers", type=int, default=0, help="zstd worker threads per back-end (default 0)")
+    live = p.add_argument_group(
+        "live save",
+        "--live saves iteratively: the daemons serve on while their state is sent, then the changes, round "
+        "after round, until what is left fits the downtime limit at the measured rate; then each back-end is "
+        "quiesced (stop-copy) and the rest written. SIGUSR1 switches over at once. The back-ends stay stopped "
+        "afterwards, their state frozen as saved, unless --resume.",
+    )
+    live.add_argument("--live", action="store_true", help="save iteratively while the back-ends run (pre-copy)")
+    live.add_argument("--downtime-limit", type=_positive(float), default=300.0, metavar="MS",
+                      help="the longest acceptable stop-copy, in milliseconds (default 300, as QEMU's)")
+    live.add_argument("--max-rounds", type=_positive(int), default=30, metavar="N",
+                      help="rounds of changed data before giving up on converging (default 30)")
+    live.add_argument("--force", action="store_true",
+                      help="after --max-rounds, switch over anyway and accept the longer downtime")
+    live.add_argument("--timeout", type=_positive(float), default=300.0, metavar="S",
+                      help="give up a pre-copy that has not switched over after S seconds (default 300)")
+    live.add_argument("--stall-timeout", type=_positive(float), default=10.0, metavar="S",
+                      help="give up if a back-end with data to send sends nothing for S seconds (default 10)")
+    live.add_argument("--max-bandwidth", type=_positive(parse_size), metavar="BYTES_PER_SECOND",
+                      help="cap the rate read from the back-ends, in total (e.g. 100M; default: no cap)")
+    live.add_argument("--resume", action="store_true", help="resume the back-ends once the file is saved")
     _add_json(p)
     p.set_defaults(func=cmd_save)
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+
+    return parse
 
 
 def cmd_save(args: argparse.Namespace) -> int:
@@ -407,11 +429,13 @@ def cmd_save(args: argparse.Namespace) -> int:
         "level": Variant("i", args.level),
         "workers": Variant("u", args.workers),
     }
+    if args.live:
+        return _save_live(args, options)
     progress = Progress()
     started = time.monotonic()
 
     async def run(session: Session) -> list[StreamInfo]:
-        async with _ProgressLine(progress, args.file):
+        async with StatusLine(lambda now: progress_line(progress, args.file, now), lambda: progress.phase):
             return await save_to_file(session.bus, session.backends, args.file, options, progress)
 
     infos = _on_bus(args, run, require=True)
@@ -420,7 +444,47 @@ def cmd_save(args: argparse.Namespace) -> int:
         _json(_transfer_doc("save", args.file, infos, progress, seconds))
     else:
         total, stored = sum(i.raw_bytes for i in infos), sum(i.stream_bytes for i in infos)
-        _out(f"saved {len(infos)} back-end(s), {_size(total)} of state in {_size(stored)}, to {args.file} in {seconds:.1f} s")
+        _out(f"saved {len(infos)} back-end(s), {size(total)} of state in {size(stored)}, to {args.file} in {seconds:.1f} s")
+    return EXIT_OK
+
+
+def _save_live(args: argparse.Namespace, options: dict[str, Variant]) -> int:
+    config = PreCopyConfig(
+        downtime_limit=args.downtime_limit / 1000, max_rounds=args.max_rounds, force=args.force,
+        timeout=args.timeout, stall_timeout=args.stall_timeout,
+    )
+    progress = Progress()
+    latest: list[Status] = []
+
+    def note(status: Status) -> None:
+        latest[:] = [status]
+
+    async def run(session: Session) -> Summary:
+        switch_over = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, switch_over.set)
+        try:
+            async with StatusLine(lambda now: live_line(latest[-1] if latest else None, progress, args.file, now),
+                                  lambda: progress.phase):  # fmt: skip
+                return await save_live(
+                    session.bus, session.backends, args.file, options, config, progress,
+                    on_status=note,
+                    switch_over=switch_over, resume=args.resume, max_bandwidth=args.max_bandwidth,
+                )
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+
+    summary = _on_bus(args, run, require=True)
+    if args.json:
+        _json({"command": "save", "file": args.file, "live": True, **summary.as_dict()})
+    else:
+        downtime = f"{summary.downtime * 1000:.0f} ms" if summary.downtime is not None else "unknown"
+        _out(
+            f"saved {len(summary.backends)} back-end(s) live, {size(summary.stream_bytes)} in {summary.rounds} round(s) "
+            f"over {summary.total_time:.1f} s, to {args.file}; downtime {downtime} "
+            f"(limit {summary.downtime_limit * 1000:.0f} ms, {summary.switch_reason}); "
+            + ("the back-ends run on" if args.resume else "the back-ends are stopped (dbus-vmstate2 resume)")
+        )
     return EXIT_OK
 
 
@@ -447,7 +511,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     async def run(session: Session) -> list[StreamInfo]:
-        async with _ProgressLine(progress, args.file):
+        async with StatusLine(lambda now: progress_line(progress, args.file, now), lambda: progress.phase):
             return await load_from_file(session.bus, session.backends, args.file, progress, verify=args.verify)
 
     infos = _on_bus(args, run, require=True)
@@ -455,7 +519,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.json:
         _json(_transfer_doc("load", args.file, infos, progress, seconds))
     else:
-        _out(f"loaded {len(infos)} back-end(s), {_size(sum(i.raw_bytes for i in infos))} of state, from {args.file} in {seconds:.1f} s")
+        _out(f"loaded {len(infos)} back-end(s), {size(sum(i.raw_bytes for i in infos))} of state, from {args.file} in {seconds:.1f} s")
     return EXIT_OK
 
 
@@ -470,68 +534,6 @@ def _transfer_doc(command: str, file: str, infos: list[StreamInfo], progress: Pr
             for i in infos
         ],
     }
-
-
-class _ProgressLine:
-    """A one-line progress report on stderr, only when stderr is a terminal."""
-
-    def __init__(self, progress: Progress, file: str) -> None:
-        self._progress = progress
-        self._file = file
-        self._task: asyncio.Task[None] | None = None
-        self._shown = False
-
-    async def __aenter__(self) -> None:
-        if sys.stderr.isatty():
-            self._task = asyncio.ensure_future(self._show())
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            if self._shown:
-                self._write("\r\x1b[K")
-
-    async def _show(self) -> None:
-        # Redrawn four times a second, and at once when the phase changes.
-        phase, drawn = "", 0.0
-        while True:
-            await asyncio.sleep(0.05)
-            now = time.monotonic()
-            if self._progress.phase != phase or now - drawn >= 0.25:
-                phase, drawn = self._progress.phase, now
-                self._write(f"\r{progress_line(self._progress, self._file, now)}\x1b[K")
-                self._shown = True
-
-    @staticmethod
-    def _write(text: str) -> None:
-        try:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-        except OSError:
-            pass
-
-
-def progress_line(progress: Progress, file: str, now: float) -> str:
-    """The progress line's text: phase, done/total, percentage, rate, ETA."""
-    phase = progress.phase
-    what = {
-        "verifying": f"verifying {file}",
-        "saving": f"saving {progress.backends} back-end(s)",
-        "loading": f"loading {progress.backends} back-end(s)",
-        "syncing": f"syncing {file} to disk",
-    }.get(phase, phase)
-    if phase not in ("verifying", "saving", "loading"):
-        return f"{what}..."
-    done = sum(progress.done.values())
-    total = sum(progress.expected.values())
-    elapsed = now - progress.started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    parts = [f"{_size(done)} of {_size(total)} ({100 * done / total if total else 100:.0f}%)" if progress.expected else _size(done)]
-    parts.append(f"{_size(rate)}/s")
-    if progress.expected and rate > 0 and done < total:
-        parts.append(f"ETA {_duration((total - done) / rate)}")
-    return f"{what}: {', '.join(parts)}"
 
 
 # cancel, reset ------------------------------------------------------------------
@@ -589,8 +591,28 @@ def _add_reset(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
+    return _change_state(args, reset, "reset", "reset")
+
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "resume", help="let back-ends in 'stopped' serve again",
+        description="Call Resume on each back-end: the way out of 'stopped', where a live save leaves a back-end "
+        "quiesced with its state frozen as saved. Resume a source whose migration failed, or after a snapshot. "
+        "A back-end in 'running' is left as it is.",
+    )
+    _add_bus_options(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_resume)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _change_state(args, resume, "resume", "resumed")
+
+
+def _change_state(args: argparse.Namespace, change: Callable[..., Awaitable[ResetReport]], verb: str, done: str) -> int:
     async def run(session: Session) -> list[ResetReport]:
-        return [await reset(session.bus, b) for b in session.backends]
+        return [await change(session.bus, b) for b in session.backends]
 
     reports = _on_bus(args, run)
     if args.json:
@@ -599,9 +621,9 @@ def cmd_reset(args: argparse.Namespace) -> int:
     else:
         for r in reports:
             if r.error is not None:
-                _out(f"{r.id}: not reset ({r.before}): {type(r.error).__name__}: {r.error}")
+                _out(f"{r.id}: not {done} ({r.before}): {type(r.error).__name__}: {r.error}")
             elif r.before == r.after:
-                _out(f"{r.id}: {r.after} (nothing to reset)")
+                _out(f"{r.id}: {r.after} (nothing to {verb})")
             else:
                 _out(f"{r.id}: {r.before} -> {r.after}")
         if not reports:
@@ -664,8 +686,8 @@ def _print_table(rows: list[dict]) -> None:
     for r in rows:
         comp = r["compression"] + (f"-{r['level']}" if r["compression"] != "none" else "")
         ok = "yes" if r["verified"] else f"NO: {r['error']}"
-        lines.append([r["id"], str(r["format_version"]), comp, str(r["records"]), _size(r["raw_bytes"]),
-                      _size(r["stored_bytes"]), f"{r['ratio']:.2f}", ok])  # fmt: skip
+        lines.append([r["id"], str(r["format_version"]), comp, str(r["records"]), size(r["raw_bytes"]),
+                      size(r["stored_bytes"]), f"{r['ratio']:.2f}", ok])  # fmt: skip
     _out(_columns(lines))
     if not rows:
         _out("(no back-ends in this file)")

@@ -165,3 +165,9 @@ class DiscoveryError(VMStateError):
 class NoBackends(DiscoveryError):
     """No back-end to act on: nothing is queued on org.qemu.VMState1 (or
     nothing was asked for)."""
+
+
+class MigrationAborted(VMStateError):
+    """The VMM helper gave up a live migration before it completed: the state
+    changed faster than it could be sent, a back-end stalled or failed, or a
+    time limit passed.  The message gives the figures; the source runs on."""

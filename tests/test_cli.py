@@ -116,7 +116,7 @@ def test_a_busy_backend_in_json(bus_address, memstate, tmp_path, capsys):
         holder.communicate(timeout=120)
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["type"] == "Busy" and error["dbus_name"] == "org.qemu.VMState2.Error.Busy"
-    assert error["message"] == "back-end 'big' is busy with save #1"
+    assert error["message"] == "back-end 'big': busy with save #1 (state saving)"
     assert holder.returncode == 0
 
 

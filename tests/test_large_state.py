@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.names import VMSTATE2
 from dbus_vmstate2.vmm import list_backends
 from dbus_vmstate2.vmm.calls import PROPERTIES, call
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 STATE = 2 << 30
 MEMORY_BUDGET = 100 << 20  # the bound, beyond the daemon's own state

@@ -55,7 +55,7 @@ def held_save(bus_address, memstate, tmp_path):
 def test_cancel_stops_another_helpers_stuck_transfer(bus_address, held_save, tmp_path, capsys):
     saver, backends = held_save
     running = status(bus_address, capsys)
-    assert running["big"]["state"] == "stop-copy" and running["big"]["transfer"]["finished"] is False
+    assert running["big"]["state"] == "saving" and running["big"]["transfer"]["finished"] is False
     assert running["small"]["transfer"]["finished"] is True
     capsys.readouterr()
     assert cli(bus_address, "cancel") == EXIT_OK
@@ -117,7 +117,7 @@ def test_reset_refuses_in_mid_transfer(bus_address, held_save, capsys):
     assert cli(bus_address, "reset") == EXIT_BACKEND_FAILED
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "small: running (nothing to reset)"
-    assert lines[1].startswith("big: not reset (stop-copy): InvalidState: ")
+    assert lines[1].startswith("big: not reset (saving): InvalidState: ")
 
 
 def test_the_stuck_helpers_file_is_never_written_after_cancel(bus_address, held_save, tmp_path, capsys):

@@ -22,7 +22,7 @@ from dbus_vmstate2.privatebus import PrivateBus
 from .conftest import start_memstate, start_ready
 from .qmp import QMP
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")]
 
 
 def start_qemu(workdir: Path, name: str, bus_address: str, id_list: str | None, *extra: str) -> tuple[subprocess.Popen, str]:

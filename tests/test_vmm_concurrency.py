@@ -41,12 +41,12 @@ async def test_a_busy_save_on_the_same_connection_leaves_the_running_one_alone(b
         slow, free = await list_backends(client)
         first = asyncio.ensure_future(save_to_file(client, [slow], tmp_path / "first.vmstate"))
         try:
-            await wait_state(client, slow, "stop-copy")
+            await wait_state(client, slow, "saving")
             with pytest.raises(Busy, match="back-end 'slow'"):
                 await save_to_file(client, [free, slow], tmp_path / "second.vmstate")
             # The second save started on 'free' too, and stopped that one.
             assert (await describe(client, free)).state == "running"
-            assert (await describe(client, slow)).state == "stop-copy"
+            assert (await describe(client, slow)).state == "saving"
         finally:
             gate.set()
         [info] = await first
@@ -67,7 +67,7 @@ def test_a_second_save_command_gets_busy_and_the_first_completes(bus_address, me
         second = run_cli(bus_address, "save", str(tmp_path / "second.vmstate"), "--compression", "none")
         _, err = second.communicate(timeout=120)
         assert second.returncode == EXIT_BACKEND_FAILED, err
-        assert "back-end 'big' is busy" in err
+        assert "back-end 'big': busy with save" in err
     finally:
         saver.send_signal(signal.SIGCONT)
         _, err = saver.communicate(timeout=120)
@@ -87,7 +87,7 @@ def test_the_first_saves_file_loads(bus_address, memstate, tmp_path, capsys):
         wait_for(lambda: growing_temp_file(tmp_path, 16 << 20), "the first save to start")
         saver.send_signal(signal.SIGSTOP)
         assert cli(bus_address, "save", str(tmp_path / "second.vmstate")) == EXIT_BACKEND_FAILED
-        assert backend_state(bus_address, sources[1]) == "stop-copy"
+        assert backend_state(bus_address, sources[1]) == "saving"
     finally:
         saver.send_signal(signal.SIGCONT)
         _, err = saver.communicate(timeout=120)

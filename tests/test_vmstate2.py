@@ -162,7 +162,7 @@ async def test_cancel_in_mid_save_keeps_serving(client, memstate):
     number = await start(client, backend, "Save", w, {"compression": Variant("s", "none")})
     # Nobody reads: the back-end blocks on a full pipe, and stays responsive.
     await asyncio.sleep(0.2)
-    assert await get_state(client, backend) == "stop-copy"
+    assert await get_state(client, backend) == "saving"
     other_r, other_w = os.pipe2(os.O_CLOEXEC)
     with pytest.raises(Busy):
         await start(client, backend, "Save", other_w)
@@ -180,7 +180,7 @@ async def test_cancel_in_mid_save_keeps_serving(client, memstate):
     finished = [m for m in signals if m.member == "TransferFinished"]
     assert [m.body[:3] for m in finished] == [[number, "save", ErrorName.CANCELLED]]
     states = [m.body[1]["State"].value for m in signals if m.member == "PropertiesChanged"]
-    assert states == ["stop-copy", "running"]
+    assert states == ["saving", "running"]
     data = await save_bytes(client, backend)
     assert stream_state(data, "slow") == deterministic_state(16 << 20, 9)
 
@@ -261,7 +261,7 @@ async def test_capabilities(client, memstate):
     assert caps["stream-versions"] == [1]
     assert set(caps["compression"]) == {"none", "zstd"}
     assert caps["inline-size-limit"] == 1 << 20
-    assert caps["pre-copy"] is False
+    assert caps["pre-copy"] is True  # memstate's DirtyStore is a PreCopyDaemon
 
 
 async def test_load_callable_that_stops_early_moves_to_error(bus_address, client):

@@ -1,76 +1,64 @@
 """The back-end helper library's asyncio core: one daemon's presence on the bus.
 
-Theory of operation: a daemon builds a :class:`Backend` with its Id, a save
-callable and a load callable, and awaits :meth:`Backend.start` once, *before*
-it sandboxes itself.  That connects to the bus, exports ``/org/qemu/VMState1``
-with org.qemu.VMState1 and org.qemu.VMState2, and queues on both bus names;
-it also starts the back-end's worker threads and warms up the codecs
-(:mod:`.workers`).  From then on the library opens no socket or file and
-starts no thread of its own: QEMU or the dbus-vmstate2 VMM helper drives it
-over that one connection, and the state moves through fds that arrive on it.
+Theory of operation: a daemon builds a :class:`Backend` with its Id and its
+state (a :class:`~.daemon.Daemon`, or a save and a load callable), and awaits
+:meth:`Backend.start` once, *before* it sandboxes itself.  That starts the
+back-end's worker threads and warms up the codecs (:mod:`.workers`), connects
+to the bus, exports ``/org/qemu/VMState1`` with org.qemu.VMState1 and
+org.qemu.VMState2, and queues on the bus names.  From then on the library
+opens no socket or file and starts no thread of its own: QEMU or the
+dbus-vmstate2 VMM helper drives it over that one connection, and the state
+moves through fds that arrive on it.
 
-The daemon's callables:
-
-* ``save()`` returns the state: one bytes-like object, or an iterable of
-  bytes-like records (each at most ``stream.MAX_RECORD_SIZE``).  It may be a
-  coroutine function (awaited on the loop: take a consistent snapshot there)
-  or a plain function (run in a worker thread); the iterable is consumed in
-  the transfer's worker thread, one record at a time.  A record must not
-  change once yielded, until the save has ended: it is written while the
-  next one is made (yield fresh bytes, or views of a snapshot).
-* ``load(records)`` is a plain function, run in the transfer's worker
-  thread.  It receives an iterator over the records, in order, each verified
-  before it is handed over; the iterator raises if the stream fails a check,
-  the last one when the trailer is read.  Stage what you get and replace
-  your live state only once the loop has ended without an exception: then a
-  failed transfer loses nothing.
-
-Every transfer moves the state machine of :mod:`dbus_vmstate2.states`, one
-transfer at a time; a second one while the first runs fails with Busy.
+This module is the thin adapter between the bus and the pure state machine
+of :mod:`dbus_vmstate2.states`: every request and every transfer's outcome is
+fed to the :class:`~dbus_vmstate2.states.Machine`, and the adapter carries
+out the effects it returns (start a transfer's worker, cancel it, ask it for
+stop-copy, resume the daemon, report the outcome).  It decides nothing of
+its own: Busy, InvalidState and which transfer a Cancel applies to all come
+from the table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
-from ..errors import BackendFailed, Busy, InvalidState, Unsupported, VMStateError
+from ..errors import BackendFailed, InvalidState, Unsupported, VMStateError
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
-from ..states import Event, State, next_state
-from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression
+from ..states import Effect, Event, Machine, State, Step, Transfer
+from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression, RecordType
 from .boundary import call_daemon, log, log_exception
 from .channel import Channel
+from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable, as_daemon
 from .fdguard import FdGuard
 from .inline import InlineMode, decode_inline, encode_inline
-from .records import SaveResult, iter_records
+from .precopy import PreCopyControl, precopy_stream
+from .records import BytesLike, SaveResult, iter_records, nbytes
 from .transfers import LoadOutcome, Progress, SaveOptions, load_stream, save_stream
 from .vmstate1 import VMState1Interface
 from .vmstate2 import VMState2Interface
 from .workers import Workers
 
-SaveCallable: TypeAlias = Callable[[], SaveResult | Awaitable[SaveResult]]
-LoadCallable: TypeAlias = Callable[[Iterator[bytes]], Any]
+FD_METHODS = [("Save", "ha{sv}"), ("SavePreCopy", "ha{sv}"), ("Load", "ha{sv}")]
 
 
 @dataclass
-class Transfer:
-    """One Save or Load, from its start to its outcome."""
+class Job:
+    """The I/O side of a transfer, beside the machine's record of it."""
 
-    number: int
-    operation: str
+    transfer: Transfer
     channel: Channel | None = None
-    owner: str | None = None
-    """The unique bus name of the connection that started it."""
     progress: Progress = field(default_factory=Progress)
-    error: VMStateError | None = None
-    finished: bool = False
+    control: PreCopyControl | None = None
+    """An iterative save's link to its worker thread."""
 
 
 class Backend:
@@ -80,8 +68,12 @@ class Backend:
         backend_id: the back-end's Id, 1 to 255 bytes, unique on the bus and
             stable across the migration (QEMU matches source and destination
             back-ends by it).
-        save: the daemon's save callable (see the module docstring).
-        load: the daemon's load callable, a plain function.
+        daemon: the daemon's state, an object implementing
+            :class:`~.daemon.Daemon` (and :class:`~.daemon.PreCopyDaemon` for
+            iterative saves); or, in the library's first form, the daemon's
+            save callable, with ``load`` its load callable.
+        load: the load callable of the first form (it gets the records'
+            payloads only); None with a daemon object.
         address: a D-Bus address such as ``unix:path=/run/vm1/bus``; the
             session bus when None.
         compression: how VMState1's inline blob may be compressed (a state
@@ -93,34 +85,38 @@ class Backend:
             dbus-vmstate never sees this back-end).  See backend/inline.py.
 
     Raises:
-        TypeError: ``load`` is a coroutine function.
+        TypeError: not a daemon, or a load that is a coroutine function.
     """
 
     def __init__(
         self,
         backend_id: str,
-        save: SaveCallable,
-        load: LoadCallable,
+        daemon: Daemon | SaveCallable,
+        load: LoadCallable | None = None,
         *,
         address: str | None = None,
         compression: Compression = Compression.ZSTD,
         vmstate1: InlineMode | str = InlineMode.STREAM,
     ) -> None:
-        if inspect.iscoroutinefunction(load):
-            raise TypeError("load must be a plain function: it runs in the transfer's thread and pulls records as they arrive")
         self.id = check_id(backend_id)
-        self._save = save
-        self._load = load
+        self._daemon = as_daemon(daemon, load)
+        self._iterative = isinstance(self._daemon, PreCopyDaemon)
         self._address = address
         self._compression = compression
         self._inline_mode = InlineMode(vmstate1)
         self._bus: MessageBus | None = None
         self._workers = Workers()
         self._vmstate2 = VMState2Interface(self)
-        self.state = State.RUNNING
-        self._transfer: Transfer | None = None
+        self._machine = Machine()
+        self._job: Job | None = None
+        """The latest transfer's I/O side, running or finished."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._caller: str | None = None
+
+    @property
+    def state(self) -> State:
+        """The migration state (the ``State`` property)."""
+        return self._machine.state
 
     @property
     def unique_name(self) -> str:
@@ -159,7 +155,7 @@ class Backend:
             bus = MessageBus(bus_address=self._address, negotiate_unix_fd=True)
         await bus.connect()
         try:
-            bus.add_message_handler(FdGuard(OBJECT_PATH, VMSTATE2, [("Save", "ha{sv}"), ("Load", "ha{sv}")]))
+            bus.add_message_handler(FdGuard(OBJECT_PATH, VMSTATE2, FD_METHODS))
             bus.add_message_handler(self._note_caller)
             names = [VMSTATE2]
             if self._inline_mode is not InlineMode.OFF:
@@ -196,7 +192,9 @@ class Backend:
     async def stop(self) -> None:
         """Cancel a running transfer, leave the bus and let the worker threads
         end; safe to call more than once."""
-        self.cancel()
+        running = self._machine.transfer
+        if running is not None and not running.finished:
+            self._handle(Event.CANCEL_TRANSFER, number=running.number)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._workers.shutdown()
@@ -227,30 +225,44 @@ class Backend:
         if msg.message_type is MessageType.METHOD_CALL and msg.path == OBJECT_PATH:
             self._caller = msg.sender
 
-    # -- the state machine and the transfer record --------------------------
+    # -- the adapter: requests in, effects out -----------------------------------
 
-    def _fire(self, event: Event) -> None:
-        new = next_state(self.state, event)
-        if new is not self.state:
-            log.info("back-end %r: %s -> %s (%s)", self.id, self.state, new, event)
-            self.state = new
-            self._vmstate2.state_changed(new.value)
+    def _handle(self, event: Event, *, number: int | None = None, error: VMStateError | None = None) -> Step:
+        """Feed ``event`` to the machine and carry out the effects it returns
+        (the transfer-starting ones are the caller's)."""
+        step = self._machine.handle(event, time.monotonic(), caller=self._caller or "", number=number, error=error)
+        if step.changed:
+            log.info("back-end %r: %s -> %s (%s)", self.id, step.before, step.after, event)
+            self._vmstate2.state_changed(step.after.value)
+        job = self._job
+        for effect in step.effects:
+            if effect is Effect.CANCEL and job is not None:
+                log.info("back-end %r: cancelling %s #%d", self.id, job.transfer.operation, job.transfer.number)
+                if job.channel is not None:
+                    job.channel.cancel()
+                if job.control is not None:
+                    job.control.wake()
+            elif effect is Effect.STOP_COPY and job is not None and job.control is not None:
+                job.control.request_stop_copy(self._workers.submit, self._daemon)
+            elif effect is Effect.RESUME_DAEMON:
+                self._resume_daemon()
+            elif effect is Effect.FINISHED and job is not None:
+                self._finished(job)
+        return step
 
-    def _open(self, operation: str, event: Event, channel: Channel | None = None) -> Transfer:
-        if self._transfer is not None and not self._transfer.finished:
-            raise Busy(f"back-end {self.id!r} is busy with {self._transfer.operation} #{self._transfer.number}")
-        self._fire(event)
-        number = self._transfer.number + 1 if self._transfer else 1
-        self._transfer = Transfer(number, operation, channel, owner=self._caller)
-        return self._transfer
+    def _resume_daemon(self) -> None:
+        job = self._job
+        if job is None or job.control is None:
+            return  # never quiesced: nothing to resume
+        try:
+            job.control.resume(self._daemon)  # type: ignore[arg-type] - only iterative daemons quiesce
+        except Exception as exc:
+            log_exception(f"back-end {self.id!r}: the daemon's resume() raised; it may still be quiesced", exc)
 
-    def _finish(self, transfer: Transfer, event: Event, error: VMStateError | None) -> None:
-        if transfer.channel is not None:
-            transfer.channel.close()
-        transfer.error = error
-        transfer.finished = True
-        self._fire(event)
-        progress = transfer.progress
+    def _finished(self, job: Job) -> None:
+        if job.channel is not None:
+            job.channel.close()
+        transfer, progress, error = job.transfer, job.progress, job.transfer.error
         if error is None:
             log.info("back-end %r: %s #%d done, %d records, %d bytes", self.id, transfer.operation, transfer.number,
                      progress.records, progress.raw_bytes)
@@ -266,6 +278,61 @@ class Backend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _start(self, event: Event, fd: int, parse: Callable[[], Any], run: Callable[[Job, Any], Coroutine[Any, Any, None]]) -> int:
+        """Start a transfer on ``fd`` (ours from now on): parse its options,
+        take the machine's arc, and run it in the background."""
+        try:
+            options = parse()
+        except BaseException:
+            os.close(fd)
+            raise
+        channel = Channel(fd)  # owns fd from here, closes it on its own failure
+        try:
+            step = self._handle(event)
+        except BaseException:
+            channel.close()
+            raise
+        job = self._job = Job(step.transfer, channel)
+        self._spawn(run(job, options))
+        return step.transfer.number
+
+    async def _run(self, job: Job, work: Callable[[], Awaitable[None]], on_bug: Event) -> None:
+        """Run a transfer's ``work`` and feed its outcome to the machine, whatever happens."""
+        bug: BaseException | None = None
+        try:
+            await work()
+        except LoadOutcome as exc:
+            outcome, error = Event.LOAD_BROKE, exc.error
+        except VMStateError as exc:
+            outcome, error = Event.FAILED, exc
+        except BaseException as exc:
+            log_exception(f"{job.transfer.operation} #{job.transfer.number} failed", exc)
+            outcome = on_bug
+            error = BackendFailed(
+                f"{job.transfer.operation} failed with an internal error ({type(exc).__name__}); see the back-end's log"
+            )
+            bug = None if isinstance(exc, Exception) else exc
+        else:
+            outcome, error = Event.SUCCEEDED, None
+        self._handle(outcome, error=error)
+        if bug is not None:
+            raise bug
+
+    async def _in_thread(self, job: Job, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` in a worker thread; if we are cancelled (the loop is
+        shutting down), cancel the channel and wait for the thread, so that
+        the fd is never closed under it."""
+        future = asyncio.ensure_future(self._workers.run(fn, *args))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if job.channel is not None:
+                job.channel.cancel()
+            if job.control is not None:
+                job.control.wake()
+            await asyncio.wait({future})
+            raise
+
     # -- VMState2 -------------------------------------------------------------
 
     def capabilities(self) -> dict[str, Variant]:
@@ -274,83 +341,65 @@ class Backend:
             "compression": Variant("as", [c.name.lower() for c in Compression]),
             "max-record-size": Variant("t", MAX_RECORD_SIZE),
             "inline-size-limit": Variant("t", VMSTATE1_SIZE_LIMIT),
-            "pre-copy": Variant("b", False),
+            "pre-copy": Variant("b", self._iterative),
             "vmstate1": Variant("s", self._inline_mode.value),
         }
 
     def start_save(self, fd: int, options: dict[str, Variant]) -> int:
-        """Save: start streaming the state into ``fd``, which we now own."""
-        try:
-            save_options = SaveOptions.from_dbus(options)
-        except BaseException:
-            os.close(fd)
-            raise
-        transfer = self._open_with_channel("save", Event.SAVE, fd)
-        self._spawn(self._run_save(transfer, save_options))
-        return transfer.number
+        """Save: start a one-shot save of a snapshot into ``fd``, which we now own."""
+        return self._start(Event.SAVE, fd, lambda: SaveOptions.from_dbus(options), self._run_save)
+
+    def start_precopy(self, fd: int, options: dict[str, Variant]) -> int:
+        """SavePreCopy: start an iterative save into ``fd``, which we now own."""
+
+        def parse() -> SaveOptions:
+            if not self._iterative:
+                raise Unsupported(
+                    f"back-end {self.id!r} cannot save iteratively (its daemon has no pre-copy support): use Save"
+                )
+            return SaveOptions.from_dbus(options)
+
+        return self._start(Event.PRE_COPY, fd, parse, self._run_precopy)
 
     def start_load(self, fd: int, options: dict[str, Variant]) -> int:
         """Load: start reading a stream from ``fd``, which we now own."""
-        if options:
-            os.close(fd)
-            raise Unsupported(f"Load takes no options yet, got: {', '.join(sorted(options))}")
-        transfer = self._open_with_channel("load", Event.LOAD, fd)
-        self._spawn(self._run_load(transfer))
-        return transfer.number
 
-    def _open_with_channel(self, operation: str, event: Event, fd: int) -> Transfer:
-        channel = Channel(fd)  # owns fd from here, closes it on its own failure
-        try:
-            return self._open(operation, event, channel)
-        except BaseException:
-            channel.close()
-            raise
+        def parse() -> None:
+            if options:
+                raise Unsupported(f"Load takes no options yet, got: {', '.join(sorted(options))}")
 
-    async def _run_save(self, transfer: Transfer, options: SaveOptions) -> None:
+        return self._start(Event.LOAD, fd, parse, self._run_load)
+
+    async def _run_save(self, job: Job, options: SaveOptions) -> None:
         async def work() -> None:
-            state = await call_daemon("save", self._workers, self._save)
+            state = await call_daemon("save", self._workers, self._daemon.save)
+            await self._in_thread(job, save_stream, job.channel, self.id, state, options, job.progress, self._workers.submit)
+
+        await self._run(job, work, on_bug=Event.FAILED)
+
+    async def _run_precopy(self, job: Job, options: SaveOptions) -> None:
+        loop = asyncio.get_running_loop()
+        number = job.transfer.number
+
+        def initial_sent() -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._vmstate2.InitialDataSent, number)
+
+        job.control = PreCopyControl(initial_sent)
+
+        async def work() -> None:
             await self._in_thread(
-                transfer, save_stream, transfer.channel, self.id, state, options, transfer.progress, self._workers.submit
+                job, precopy_stream, job.channel, self.id, self._daemon, options, job.progress, self._workers.submit,
+                job.control,
             )
 
-        await self._run(transfer, work, on_bug=Event.FAILED)
+        await self._run(job, work, on_bug=Event.FAILED)
 
-    async def _run_load(self, transfer: Transfer) -> None:
+    async def _run_load(self, job: Job, options: None) -> None:
         async def work() -> None:
-            await self._in_thread(transfer, load_stream, transfer.channel, self.id, self._load, transfer.progress)
+            await self._in_thread(job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative)
 
         # A bug of ours in mid-load may have handed the daemon bad records.
-        await self._run(transfer, work, on_bug=Event.LOAD_BROKE)
-
-    async def _in_thread(self, transfer: Transfer, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn`` in a worker thread; if we are cancelled (the loop is
-        shutting down), cancel the channel and wait for the thread, so that
-        the fd is never closed under it."""
-        future = asyncio.ensure_future(self._workers.run(fn, *args))
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if transfer.channel is not None:
-                transfer.channel.cancel()
-            await asyncio.wait({future})
-            raise
-
-    async def _run(self, transfer: Transfer, work: Callable[[], Awaitable[None]], on_bug: Event) -> None:
-        """Run a transfer's ``work`` and record its outcome, whatever happens."""
-        try:
-            await work()
-        except LoadOutcome as exc:
-            self._finish(transfer, Event.LOAD_BROKE, exc.error)
-        except VMStateError as exc:
-            self._finish(transfer, Event.FAILED, exc)
-        except BaseException as exc:
-            log_exception(f"{transfer.operation} #{transfer.number} failed", exc)
-            error = BackendFailed(f"{transfer.operation} failed with an internal error ({type(exc).__name__}); see the back-end's log")
-            self._finish(transfer, on_bug, error)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self._finish(transfer, Event.SUCCEEDED, None)
+        await self._run(job, work, on_bug=Event.LOAD_BROKE)
 
     def check(self) -> tuple[int, bool, int, int, int]:
         """Check: the latest transfer's number, whether it finished, and its counters.
@@ -359,28 +408,33 @@ class Backend:
             InvalidState: no transfer yet.
             VMStateError: the latest transfer failed (a fresh copy of its error).
         """
-        transfer = self._transfer
-        if transfer is None:
+        job = self._job
+        if job is None:
             raise InvalidState(f"no transfer has been started on back-end {self.id!r}")
-        self._raise_outcome(transfer)
-        progress = transfer.progress
-        return transfer.number, transfer.finished, progress.records, progress.raw_bytes, progress.stream_bytes
+        self._raise_outcome(job.transfer)
+        progress = job.progress
+        return job.transfer.number, job.transfer.finished, progress.records, progress.raw_bytes, progress.stream_bytes
 
-    def cancel(self, caller: str | None = None) -> None:
-        """Cancel: stop the running transfer, if any; the state stays as it was.
+    def pending(self) -> tuple[int, int, int, int]:
+        """Pending: (initial bytes, dirty bytes, stop-copy bytes, rounds)."""
+        estimate = self._daemon.pending() if self._iterative else Pending()  # type: ignore[union-attr]
+        job = self._job
+        if self.state in (State.PRE_COPY, State.STOP_COPY) and job is not None and job.control is not None:
+            remaining = estimate.initial_bytes + estimate.dirty_bytes
+            return estimate.initial_bytes, estimate.dirty_bytes, remaining, job.control.rounds
+        return 0, 0, estimate.total_bytes, 0
 
-        Args:
-            caller: stop it only if this unique bus name started it (None:
-                whoever did, as when the back-end stops).
-        """
-        transfer = self._transfer
-        if transfer is not None and (caller is None or caller == transfer.owner):
-            self._cancel(transfer)
+    def stop_copy(self, number: int) -> None:
+        """StopCopy: quiesce the daemon and finish iterative save ``number``."""
+        self._handle(Event.STOP_COPY, number=number)
+
+    def resume(self) -> None:
+        """Resume: let the daemon serve again after a completed stop-copy."""
+        self._handle(Event.RESUME)
 
     def cancel_own(self) -> None:
-        """Cancel, the D-Bus method: stop the running transfer if the
-        connection calling it is the one that started it."""
-        self.cancel(caller=self._caller or "")
+        """Cancel: stop the running transfer if the calling connection started it."""
+        self._handle(Event.CANCEL)
 
     def cancel_transfer(self, number: int) -> bool:
         """CancelTransfer: stop transfer ``number`` if it is the one running.
@@ -388,60 +442,61 @@ class Backend:
         Returns:
             True if it was running and is being stopped, else False.
         """
-        transfer = self._transfer
-        if transfer is None or transfer.number != number:
-            return False
-        return self._cancel(transfer)
-
-    def _cancel(self, transfer: Transfer) -> bool:
-        if transfer.finished or transfer.channel is None:
-            return False
-        log.info("back-end %r: cancelling %s #%d", self.id, transfer.operation, transfer.number)
-        transfer.channel.cancel()
-        return True
+        return Effect.CANCEL in self._handle(Event.CANCEL_TRANSFER, number=number).effects
 
     def reset(self) -> None:
         """Reset: back to ``running`` (from ``error``, or a no-op in ``running``)."""
-        self._fire(Event.RESET)
+        self._handle(Event.RESET)
 
     # -- VMState1 -------------------------------------------------------------
 
     async def save_inline(self) -> bytes:
-        """VMState1 Save: the whole state as one verified stream of <= 1 MiB."""
-        transfer = self._open("save", Event.SAVE)
+        """VMState1 Save: the whole state as one blob of <= 1 MiB (backend/inline.py)."""
+        step = self._handle(Event.SAVE)
+        job = self._job = Job(step.transfer)
         blob = b""
 
         async def work() -> None:
             nonlocal blob
-            state = await call_daemon("save", self._workers, self._save)
-            blob = await call_daemon("save", self._workers, self._encode_inline, state)
-            transfer.progress.stream_bytes = len(blob)
+            state = await call_daemon("save", self._workers, self._daemon.save)
+            blob = await call_daemon("save", self._workers, self._encode_inline, state, job.progress)
 
-        await self._run(transfer, work, on_bug=Event.FAILED)
-        self._raise_outcome(transfer)
+        await self._run(job, work, on_bug=Event.FAILED)
+        self._raise_outcome(job.transfer)
         return blob
 
     async def load_inline(self, blob: bytes) -> None:
-        """VMState1 Load: verify the whole blob, then hand its records to load."""
-        transfer = self._open("load", Event.LOAD)
+        """VMState1 Load: verify the whole blob, then hand its records to the daemon."""
+        step = self._handle(Event.LOAD)
+        job = self._job = Job(step.transfer)
 
         async def work() -> None:
             records = await self._workers.run(decode_inline, self.id, blob, self._inline_mode)
+            if not self._iterative and any(r.type is not RecordType.DATA for r in records):
+                raise Unsupported("the blob is an iterative save's, and this back-end's daemon takes only one-shot saves")
+            progress = job.progress
+            progress.records, progress.stream_bytes = len(records), len(blob)
+            progress.raw_bytes = sum(r.raw_size for r in records)
             try:
-                await call_daemon("load", self._workers, self._load, iter(records))
+                await call_daemon("load", self._workers, self._daemon.load, iter(records))
             except VMStateError as exc:
                 raise LoadOutcome(exc) from exc
-            progress = transfer.progress
-            progress.records, progress.stream_bytes = len(records), len(blob)
-            progress.raw_bytes = sum(len(r) for r in records)
 
-        await self._run(transfer, work, on_bug=Event.LOAD_BROKE)
-        self._raise_outcome(transfer)
+        await self._run(job, work, on_bug=Event.LOAD_BROKE)
+        self._raise_outcome(job.transfer)
 
     @staticmethod
     def _raise_outcome(transfer: Transfer) -> None:
         if transfer.error is not None:
             raise type(transfer.error)(str(transfer.error))
 
-    def _encode_inline(self, state: SaveResult) -> bytes:
-        return encode_inline(self.id, iter_records(state), self._compression, self._inline_mode)
+    def _encode_inline(self, state: SaveResult, progress: Progress) -> bytes:
+        def counted() -> Iterator[BytesLike]:
+            for record in iter_records(state):
+                progress.records += 1
+                progress.raw_bytes += nbytes(record)
+                yield record
+
+        blob = encode_inline(self.id, counted(), self._compression, self._inline_mode)
+        progress.stream_bytes = len(blob)
+        return blob

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 
 from ..errors import LimitExceeded, StreamLimitExceeded
 from ..names import VMSTATE1_SIZE_LIMIT
-from ..stream import NEED_DATA, Compression, Record, StreamDecoder, StreamEncoder
+from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder
 from ..stream._format import HEADER_FIXED_SIZE, MAGIC, RECORD_HEADER_SIZE, TRAILER_SIZE
 from .records import BytesLike, nbytes
 
@@ -153,11 +153,11 @@ def _too_large(backend_id: str, why: str) -> LimitExceeded:
     )
 
 
-def decode_inline(backend_id: str, blob: bytes, mode: InlineMode = InlineMode.STREAM) -> list[memoryview]:
-    """Verify ``blob`` completely and return its record payloads.
+def decode_inline(backend_id: str, blob: bytes, mode: InlineMode = InlineMode.STREAM) -> list[Record]:
+    """Verify ``blob`` completely and return its records.
 
     In ``legacy`` mode a blob that does not start with the stream's magic is
-    a raw state, returned as one record unchecked (it carries no check).
+    a raw state, returned as one DATA record unchecked (it carries no check).
 
     Raises:
         LimitExceeded: the blob is over 1 MiB (QEMU would never send it), or
@@ -168,17 +168,16 @@ def decode_inline(backend_id: str, blob: bytes, mode: InlineMode = InlineMode.ST
     if len(blob) > VMSTATE1_SIZE_LIMIT:
         raise LimitExceeded(f"a VMState1 blob is at most {VMSTATE1_SIZE_LIMIT} bytes, got {len(blob)}")
     if mode is InlineMode.LEGACY and blob[: len(MAGIC)] != MAGIC:
-        return [memoryview(blob)]
+        return [Record(0, RecordType.DATA, memoryview(blob), len(blob), len(blob))]
     decoder = StreamDecoder(backend_id)
     decoder.feed(blob)
     decoder.feed_eof()
-    payloads: list[memoryview] = []
+    records: list[Record] = []
     raw = 0
     while (event := decoder.next_event()) is not NEED_DATA:
         if isinstance(event, Record):
             raw += event.raw_size
             if raw > INLINE_RAW_LIMIT:
                 raise StreamLimitExceeded(f"the blob carries over {INLINE_RAW_LIMIT} bytes of state, the inline limit")
-            assert event.payload is not None  # payloads=True
-            payloads.append(event.payload)
-    return payloads
+            records.append(event)
+    return records

@@ -72,6 +72,50 @@ class SaveOptions:
         return options
 
 
+class Writer:
+    """Writes a stream's chunks into a channel in a second thread, one batch
+    in flight: the encoding (CRC-32 or zstd) of one record overlaps the write
+    of the one before.  Both release the GIL, and each alone takes about half
+    of a save's time.
+
+    Args:
+        submit: runs a write in another thread (the back-end's workers'
+            ``submit``; no thread is made per save).
+    """
+
+    def __init__(self, channel: Channel, progress: Progress, submit: Callable[..., Future[None]]) -> None:
+        self._channel = channel
+        self._progress = progress
+        self._submit = submit
+        self._pending: Future[None] | None = None
+
+    def put(self, chunks: list, raw: int | None = None) -> None:
+        """Write ``chunks`` (one record of ``raw`` state bytes, or a header or
+        trailer when None) once the previous batch is written.
+
+        Raises:
+            Cancelled, VMStateError: the channel was cancelled or broke.
+        """
+        self.flush()
+        self._pending = self._submit(_write, self._channel, chunks, self._progress)
+        if raw is not None:
+            self._progress.records += 1
+            self._progress.raw_bytes += raw
+
+    def flush(self) -> None:
+        """Wait until everything put so far is written."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def abort(self) -> None:
+        """Unblock a pending write and wait for it: the channel is closed
+        once the transfer returns, and the write must not outlive it."""
+        self._channel.cancel()
+        if self._pending is not None:
+            wait([self._pending])
+
+
 def save_stream(
     channel: Channel,
     backend_id: str,
@@ -80,15 +124,8 @@ def save_stream(
     progress: Progress,
     submit: Callable[..., Future[None]],
 ) -> None:
-    """Encode ``state`` and write the whole stream into ``channel``.
-
-    Encoding (CRC-32 or zstd) of one record overlaps the write of the one
-    before, in a second thread: both release the GIL, and each alone takes
-    about half of a save's time.  At most two records are in flight.
-
-    Args:
-        submit: runs a write in another thread (the back-end's workers'
-            ``submit``; no thread is made per save).
+    """Encode ``state`` and write the whole stream into ``channel``
+    (a one-shot save: DATA records only).
 
     Raises:
         Cancelled, VMStateError: the channel was cancelled or broke.
@@ -96,26 +133,19 @@ def save_stream(
     """
     encoder = StreamEncoder(backend_id, compression=options.compression, level=options.level, workers=options.workers)
     records = iter_records(state)
-    pending = submit(_write, channel, encoder.start(), progress)
+    writer = Writer(channel, progress, submit)
     try:
-        while (record := _next_record(records)) is not None:
-            chunks = encoder.record(record)
-            pending.result()
-            pending = submit(_write, channel, chunks, progress)
-            progress.records += 1
-            progress.raw_bytes += nbytes(record)
-        chunks = encoder.finish()
-        pending.result()
+        writer.put(encoder.start())
+        while (record := next_record(records)) is not None:
+            writer.put(encoder.record(record), raw=nbytes(record))
+        writer.put(encoder.finish())
+        writer.flush()
     except BaseException:
-        # Unblock a pending write and wait for it: the channel is closed
-        # once we return, and the write must not outlive it.
-        channel.cancel()
-        wait([pending])
+        writer.abort()
         raise
-    _write(channel, chunks, progress)
 
 
-def _next_record(records: Iterator[BytesLike]) -> BytesLike | None:
+def next_record(records: Iterator[BytesLike]) -> BytesLike | None:
     """The daemon's next record, None at the end; its failures become BackendFailed."""
     try:
         return next(records)
@@ -142,8 +172,14 @@ class LoadOutcome(Exception):
         self.error = error
 
 
-def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[bytes]], Any], progress: Progress) -> None:
+def load_stream(
+    channel: Channel, backend_id: str, load: Callable[[Iterator[Record]], Any], progress: Progress, iterative: bool
+) -> None:
     """Read and verify a stream from ``channel``, handing its records to ``load``.
+
+    Args:
+        iterative: the daemon takes an iterative save's END_OF_INITIAL and
+            DIRTY records; else they fail the load with Unsupported.
 
     Raises:
         StreamError, Cancelled, VMStateError: the stream or the channel
@@ -153,7 +189,7 @@ def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[byte
             returned before the stream had verified; its state is not known
             to be good.  ``error`` holds the reason.
     """
-    reader = _RecordReader(channel, backend_id, progress)
+    reader = _RecordReader(channel, backend_id, progress, iterative)
     try:
         load(reader.records())
     except VMStateError as exc:
@@ -175,23 +211,24 @@ def load_stream(channel: Channel, backend_id: str, load: Callable[[Iterator[byte
 
 
 class _RecordReader:
-    """Feeds the channel to a StreamDecoder and yields verified payloads."""
+    """Feeds the channel to a StreamDecoder and yields verified records."""
 
-    def __init__(self, channel: Channel, backend_id: str, progress: Progress) -> None:
+    def __init__(self, channel: Channel, backend_id: str, progress: Progress, iterative: bool) -> None:
         self._channel = channel
+        self._iterative = iterative
         self._decoder = StreamDecoder(expected_id=backend_id)
         self._progress = progress
         self.error: VMStateError | None = None
         self.verified = False
 
-    def records(self) -> Iterator[bytes]:
+    def records(self) -> Iterator[Record]:
         try:
             yield from self._records()
         except VMStateError as exc:
             self.error = exc
             raise
 
-    def _records(self) -> Iterator[bytes]:
+    def _records(self) -> Iterator[Record]:
         while not self.verified:
             event = self._decoder.next_event()
             if event is NEED_DATA:
@@ -202,11 +239,14 @@ class _RecordReader:
                 else:
                     self._decoder.feed_eof()
             elif isinstance(event, Record):
-                if event.type is not RecordType.DATA:
-                    raise Unsupported(f"a one-shot Load takes only data records, got {event.type.name}")
+                if event.type is not RecordType.DATA and not self._iterative:
+                    raise Unsupported(
+                        f"the stream is an iterative save's (a {event.type.name} record), and this back-end's "
+                        "daemon takes only one-shot saves"
+                    )
                 self._progress.records += 1
                 self._progress.raw_bytes += event.raw_size
-                yield event.payload
+                yield event
             elif isinstance(event, StreamEnd):
                 self._expect_eof()
                 self.verified = True

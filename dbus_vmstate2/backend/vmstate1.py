@@ -2,7 +2,7 @@
 
 # No "from __future__ import annotations": dbus-fast reads the D-Bus
 # signatures from the evaluated annotations.
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dbus_fast.annotations import DBusBytes, DBusStr
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
@@ -10,14 +10,20 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 from ..names import VMSTATE1
 from .boundary import dbus_errors
 
-if TYPE_CHECKING:
-    from .core import Backend
+
+class Handler(Protocol):
+    """What the interface asks of the back-end (:class:`~.core.Backend` is one)."""
+
+    id: str
+
+    async def save_inline(self) -> bytes: ...
+    async def load_inline(self, blob: bytes) -> None: ...
 
 
 class VMState1Interface(ServiceInterface):
-    """``Id``, ``Save() -> ay`` and ``Load(ay)``; the work is the Backend's."""
+    """``Id``, ``Save() -> ay`` and ``Load(ay)``; the work is the handler's."""
 
-    def __init__(self, backend: "Backend") -> None:
+    def __init__(self, backend: Handler) -> None:
         super().__init__(VMSTATE1)
         self._backend = backend
 

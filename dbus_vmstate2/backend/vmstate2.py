@@ -1,69 +1,112 @@
-"""org.qemu.VMState2 (interfaces/org.qemu.VMState2.xml); the work is the Backend's."""
+"""org.qemu.VMState2 (interfaces/org.qemu.VMState2.xml): the bus face of a back-end.
+
+The interface only translates: each method calls its :class:`Handler`, and
+typed errors become D-Bus error replies in :func:`~.boundary.dbus_errors`.
+"""
 
 # No "from __future__ import annotations": dbus-fast reads the D-Bus
 # signatures from the evaluated annotations.
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from dbus_fast import Variant
 from dbus_fast.annotations import DBusBool, DBusDict, DBusStr, DBusUInt64, DBusUnixFd
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from ..names import VMSTATE2
 from .boundary import dbus_errors
 
-if TYPE_CHECKING:
-    from .core import Backend
+
+class Handler(Protocol):
+    """What the interface asks of the back-end (:class:`~.core.Backend` is one)."""
+
+    id: str
+
+    @property
+    def state(self) -> str: ...
+    def capabilities(self) -> dict[str, Variant]: ...
+    def start_save(self, fd: int, options: dict[str, Variant]) -> int: ...
+    def start_precopy(self, fd: int, options: dict[str, Variant]) -> int: ...
+    def start_load(self, fd: int, options: dict[str, Variant]) -> int: ...
+    def stop_copy(self, number: int) -> None: ...
+    def resume(self) -> None: ...
+    def pending(self) -> tuple[int, int, int, int]: ...
+    def check(self) -> tuple[int, bool, int, int, int]: ...
+    def cancel_own(self) -> None: ...
+    def cancel_transfer(self, number: int) -> bool: ...
+    def reset(self) -> None: ...
 
 
 class VMState2Interface(ServiceInterface):
-    def __init__(self, backend: "Backend") -> None:
+    def __init__(self, handler: Handler) -> None:
         super().__init__(VMSTATE2)
-        self._backend = backend
+        self._handler = handler
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> DBusStr:  # noqa: N802 - D-Bus member names
-        return self._backend.id
+        return self._handler.id
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> DBusStr:  # noqa: N802
-        return self._backend.state.value
+        return str(self._handler.state)
 
     @dbus_property(access=PropertyAccess.READ)
     def Capabilities(self) -> DBusDict:  # noqa: N802
-        return self._backend.capabilities()
+        return self._handler.capabilities()
 
-    # Save and Load are plain methods, not coroutines: dbus-fast runs a
-    # coroutine handler as a task, later, so a Cancel right behind a Save
-    # would find no transfer yet and be lost.
+    # The methods are plain, not coroutines: dbus-fast runs a coroutine
+    # handler as a task, later, so a Cancel right behind a Save would find no
+    # transfer yet and be lost; and the caller is noted just before a plain
+    # method runs (see Backend._note_caller).
 
     @method()
     def Save(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
         with dbus_errors("VMState2 Save"):
-            return self._backend.start_save(fd, options)
+            return self._handler.start_save(fd, options)
+
+    @method()
+    def SavePreCopy(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
+        with dbus_errors("VMState2 SavePreCopy"):
+            return self._handler.start_precopy(fd, options)
+
+    @method()
+    def StopCopy(self, transfer: DBusUInt64) -> None:  # noqa: N802
+        with dbus_errors("VMState2 StopCopy"):
+            self._handler.stop_copy(transfer)
+
+    @method()
+    def Resume(self) -> None:  # noqa: N802
+        with dbus_errors("VMState2 Resume"):
+            self._handler.resume()
+
+    @method()
+    def Pending(self) -> "tttt":  # noqa: N802, F821
+        with dbus_errors("VMState2 Pending"):
+            return list(self._handler.pending())
 
     @method()
     def Load(self, fd: DBusUnixFd, options: DBusDict) -> DBusUInt64:  # noqa: N802
         with dbus_errors("VMState2 Load"):
-            return self._backend.start_load(fd, options)
+            return self._handler.start_load(fd, options)
 
     @method()
     def Check(self) -> "tbttt":  # noqa: N802, F821
         with dbus_errors("VMState2 Check"):
-            return list(self._backend.check())
+            return list(self._handler.check())
 
     @method()
     def Cancel(self) -> None:  # noqa: N802
         with dbus_errors("VMState2 Cancel"):
-            self._backend.cancel_own()
+            self._handler.cancel_own()
 
     @method()
     def CancelTransfer(self, transfer: DBusUInt64) -> DBusBool:  # noqa: N802
         with dbus_errors("VMState2 CancelTransfer"):
-            return self._backend.cancel_transfer(transfer)
+            return self._handler.cancel_transfer(transfer)
 
     @method()
     def Reset(self) -> None:  # noqa: N802
         with dbus_errors("VMState2 Reset"):
-            self._backend.reset()
+            self._handler.reset()
 
     @signal()
     def TransferFinished(  # noqa: N802
@@ -71,6 +114,9 @@ class VMState2Interface(ServiceInterface):
     ) -> "tsssttt":  # noqa: F821
         return [transfer, operation, error_name, message, records, raw_bytes, stream_bytes]
 
+    @signal()
+    def InitialDataSent(self, transfer: int) -> "t":  # noqa: F821
+        return transfer
+
     def state_changed(self, state: str) -> None:
         self.emit_properties_changed({"State": state})
-

@@ -3,52 +3,68 @@
 It serves deterministic bytes (``--size N --seed S``) or exactly the bytes
 of a file (``--state-file F``), and can write what it receives by Load to a
 file (``--save-loaded F``), so that tests, the demo and the benchmarks can
-check a migration byte for byte.  With ``--sandbox`` it loads a seccomp
-filter right after registering that kills it on any open, socket, exec or
-new thread (``--sandbox=threads``: new threads allowed, for Save's workers
-option; :mod:`.sandbox`, needs the pyseccomp package).  Once registered it
-prints one line, ``READY <unique bus name>``, on standard output.  It runs
+check a migration byte for byte.  The memory lives in a
+:class:`~dbus_vmstate2.backend.dirty.DirtyStore`, as blocks of 1 MiB keyed by
+their number, so it migrates iteratively as well (SavePreCopy): with
+``--dirty-rate R`` a thread keeps rewriting random blocks at about R bytes a
+second while it runs, and ``--report F`` appends a JSON line to F at every
+quiesce and every successful load, so that a test can check that the
+destination got the state the source had when it stopped.  With
+``--sandbox`` it loads a seccomp filter right after registering that kills
+it on any open, socket, exec or new thread (``--sandbox=threads``: new
+threads allowed, for Save's workers option; :mod:`.sandbox`, needs the
+pyseccomp package); the report file is opened before, and the dirtier thread
+started before.  Once registered it prints one line, ``READY <unique bus
+name>``, on standard output.  It runs
 until SIGTERM, SIGINT or the loss of its bus.
 
     python -m dbus_vmstate2.examples.memstate --address ADDR --id ID --size 1M --seed 1
+
+Its records: DATA records carry the memory as it is, block after block, so
+that a one-shot save is exactly the raw state (as before the store, and as a
+raw VMState1 blob, ``--vmstate1 legacy``, must be); DIRTY records carry the
+store's entries (docs in backend/dirty.py), keyed by the block number as 8
+bytes big-endian, so that key order is memory order.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import hashlib
+import json
 import logging
 import os
 import random
 import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from ..backend import Backend, InlineMode, ThreadedBackend
+from ..display import parse_size
+from ..backend.dirty import DirtyStore, Entry
+from ..stream import Record, RecordType
 from .sandbox import apply_kill_filter
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``256M``, ``2G`` -> bytes (binary units)."""
-    unit = text[-1:].upper() if text[-1:].isalpha() else ""
-    try:
-        value = int(text[: len(text) - len(unit)]) * _UNITS[unit]
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 64K, 256M, 2G)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return value
-
-
-_BLOCK = 1 << 20
+BLOCK_SIZE = 1 << 20
+"""The memory is kept, and sent, in blocks of this size (the last may be shorter)."""
 _POOL = 64 << 20
 
 
-def deterministic_state(size: int, seed: int) -> bytearray:
-    """``size`` pseudo-random bytes that depend only on ``seed``.
+def block_key(number: int) -> bytes:
+    """The store key of block ``number``: 8 bytes big-endian, so that key order is memory order."""
+    return number.to_bytes(8, "big")
+
+
+def deterministic_blocks(size: int, seed: int) -> Iterator[bytes]:
+    """The blocks of :func:`deterministic_state`, made one at a time.
 
     Blocks of 1 MiB are copied from a random pool of at most 64 MiB at
     offsets that vary per block, so gigabytes are made at memory speed and
@@ -56,39 +72,204 @@ def deterministic_state(size: int, seed: int) -> bytearray:
     """
     rng = random.Random(seed)
     pool = bytearray()
-    for _ in range(0, min(size, _POOL) + _BLOCK, _BLOCK):
-        pool += rng.randbytes(_BLOCK)
-    state = bytearray(size)
-    span = len(pool) - _BLOCK
+    for _ in range(0, min(size, _POOL) + BLOCK_SIZE, BLOCK_SIZE):
+        pool += rng.randbytes(BLOCK_SIZE)
+    span = len(pool) - BLOCK_SIZE
     pool_view = memoryview(pool)
-    for number, offset in enumerate(range(0, size, _BLOCK)):
+    for number, offset in enumerate(range(0, size, BLOCK_SIZE)):
         start = (number * 2654435761) % span if span else 0  # Knuth's multiplicative hash
-        state[offset : offset + _BLOCK] = pool_view[start : start + min(_BLOCK, size - offset)]
+        yield bytes(pool_view[start : start + min(BLOCK_SIZE, size - offset)])
+
+
+def deterministic_state(size: int, seed: int) -> bytearray:
+    """``size`` pseudo-random bytes that depend only on ``seed``: the blocks
+    of :func:`deterministic_blocks` end to end."""
+    state = bytearray(size)
+    for number, block in enumerate(deterministic_blocks(size, seed)):
+        state[number * BLOCK_SIZE : number * BLOCK_SIZE + len(block)] = block
     return state
 
 
-class MemState:
-    """The daemon's state and its save and load callables."""
+def file_blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of the file at ``path``, in blocks, read one at a time."""
+    with path.open("rb") as file:
+        while block := file.read(BLOCK_SIZE):
+            yield block
 
-    def __init__(self, state: bytearray, save_loaded: Path | None) -> None:
-        self.state = state
+
+class MemState(DirtyStore):
+    """The daemon's state: its memory, as blocks in a DirtyStore.
+
+    Block ``n`` (``BLOCK_SIZE`` bytes, the last one possibly fewer) is kept
+    under :func:`block_key(n) <block_key>`.  Blocks are rewritten in place
+    (:meth:`rewrite`), never added or removed, except by a load.
+
+    Args:
+        blocks: the memory, block after block, taken one at a time (the
+            memory is never held twice).
+        save_loaded: write the memory received by each Load to this file.
+        report: a text file, open (and opened before the daemon sandboxes
+            itself), to which one JSON line is written at each quiesce and
+            after each successful load: ``{"event": "quiesced"|"loaded",
+            "digest": SHA-256 of the memory (hex), "bytes": its size}``.
+
+    Raises:
+        ValueError: a block but the last is not ``BLOCK_SIZE`` bytes.
+    """
+
+    def __init__(
+        self, blocks: Iterable[bytes] = (), *, save_loaded: Path | None = None, report: TextIO | None = None
+    ) -> None:
+        super().__init__(record_size=BLOCK_SIZE)
         self._save_loaded = save_loaded
+        self._report = report
+        last = BLOCK_SIZE
+        for number, block in enumerate(blocks):
+            if last != BLOCK_SIZE:
+                raise ValueError(f"block {number - 1} has {last} bytes: only the last block may have fewer than {BLOCK_SIZE}")
+            self.put(block_key(number), block)
+            last = len(block)
 
-    def save(self) -> memoryview:
-        # One bytes-like object: the library sends it as 1 MiB records
-        # without copying it.
-        return memoryview(self.state)
+    def blocks(self) -> list[bytes]:
+        """A snapshot of the memory, block after block (references to the blocks)."""
+        return [block for _, block in sorted(self.items())]
 
-    def load(self, records: Iterator[bytes]) -> None:
-        # Stage, then commit: the iterator raises if anything fails its
-        # check, and then the live state is untouched.
-        staged = bytearray()
-        for record in records:
-            staged += record
-        self.state = staged
+    def memory_digest(self) -> tuple[str, int]:
+        """The SHA-256 (hex) and size of the memory: equal to those of the
+        ``--save-loaded`` file, and of :func:`deterministic_state`."""
+        sha, size = hashlib.sha256(), 0
+        for block in self.blocks():
+            sha.update(block)
+            size += len(block)
+        return sha.hexdigest(), size
+
+    def rewrite(self, number: int, data: bytes) -> None:
+        """Replace block ``number`` with ``data`` of the same size (blocks while quiesced).
+
+        Raises:
+            KeyError: there is no such block.
+            ValueError: ``data`` is not the size of the block.
+        """
+        key = block_key(number)
+        old = self[key]
+        if len(data) != len(old):
+            raise ValueError(f"block {number} has {len(old)} bytes, not {len(data)}")
+        self.put(key, data)
+
+    # The DATA layout: the memory as it is (see the module docstring).
+
+    def data_size(self, key: bytes, value: bytes) -> int:
+        return len(value)
+
+    def encode_data(self, entries: list[tuple[bytes, bytes]]) -> bytes:
+        if len(entries) == 1:
+            return entries[0][1]  # the block itself: bytes never change, so no copy
+        return b"".join(block for _, block in entries)
+
+    def data_decoder(self) -> _MemoryImage:
+        return _MemoryImage()
+
+    # The contract: report what the source froze and what the destination got.
+
+    def quiesce(self) -> None:
+        super().quiesce()
+        self._report_event("quiesced")
+
+    def load(self, records: Iterator[Record]) -> None:
+        super().load(records)
         if self._save_loaded is not None:
-            self._save_loaded.write_bytes(self.state)
-        logging.info("loaded %d bytes of state", len(staged))
+            with self._save_loaded.open("wb") as file:
+                for block in self.blocks():
+                    file.write(block)
+        logging.info("loaded %d bytes of state", self.total_bytes)
+        self._report_event("loaded")
+
+    def _report_event(self, event: str) -> None:
+        if self._report is None:
+            return
+        digest, size = self.memory_digest()
+        self._report.write(json.dumps({"event": event, "digest": digest, "bytes": size}) + "\n")
+        self._report.flush()
+
+
+class _MemoryImage:
+    """Decodes DATA payloads: the memory, cut into blocks wherever the records were cut."""
+
+    def __init__(self) -> None:
+        self._number = 0
+        self._partial = bytearray()
+        self._closed = False
+
+    def feed(self, payload: memoryview) -> list[Entry]:
+        if self._closed:
+            raise ValueError("memory data after the DIRTY records began: the image must come first")
+        view = memoryview(payload).cast("B")
+        whole = view.obj
+        if not self._partial and type(whole) is bytes and len(whole) == view.nbytes == BLOCK_SIZE:
+            # The payload is a whole bytes object (zstd's output, or a record
+            # the decoder joined from two reads): immutable, so keep it, not a copy.
+            return [self._next(whole)]
+        blocks = []
+        while view:
+            if not self._partial and len(view) >= BLOCK_SIZE:
+                block, view = bytes(view[:BLOCK_SIZE]), view[BLOCK_SIZE:]
+            else:
+                take = min(BLOCK_SIZE - len(self._partial), len(view))
+                self._partial += view[:take]
+                view = view[take:]
+                if len(self._partial) < BLOCK_SIZE:
+                    break
+                block, self._partial = bytes(self._partial), bytearray()
+            blocks.append(self._next(block))
+        return blocks
+
+    def close(self) -> list[Entry]:
+        self._closed = True
+        if not self._partial:
+            return []
+        block, self._partial = bytes(self._partial), bytearray()
+        return [self._next(block)]
+
+    def _next(self, block: bytes) -> Entry:
+        self._number += 1
+        return block_key(self._number - 1), block
+
+
+class Dirtier(threading.Thread):
+    """Rewrites randomly chosen blocks with new pseudo-random bytes at about ``rate`` bytes a second.
+
+    A writer like any other: it blocks while the state is quiesced.  A
+    daemon thread, so it never holds up the exit.
+    """
+
+    TICK = 0.01
+
+    def __init__(self, state: MemState, rate: int, seed: int) -> None:
+        super().__init__(name="memstate-dirtier", daemon=True)
+        self._state, self._rate, self._rng = state, rate, random.Random(seed)
+        self._stopping = threading.Event()
+        self.rewritten = 0
+        """Bytes rewritten so far."""
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        budget, last = 0.0, time.monotonic()
+        while not self._stopping.wait(self.TICK):
+            now = time.monotonic()
+            budget, last = min(budget + (now - last) * self._rate, max(self._rate, BLOCK_SIZE)), now
+            while (count := len(self._state)) and not self._stopping.is_set():
+                number = self._rng.randrange(count)
+                block = self._state.get(block_key(number))
+                if block is None or len(block) > budget:
+                    break  # (None: a load made the memory smaller meanwhile)
+                try:
+                    self._state.rewrite(number, self._rng.randbytes(len(block)))
+                except (KeyError, ValueError):  # a load replaced the memory meanwhile
+                    continue
+                budget -= len(block)
+                self.rewritten += len(block)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--state-file", type=Path, help="serve exactly the bytes of this file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic bytes (default 0)")
     parser.add_argument("--save-loaded", type=Path, metavar="FILE", help="write the state received by Load to FILE")
+    parser.add_argument(
+        "--dirty-rate", type=parse_size, default=0, metavar="BYTES_PER_SECOND",
+        help="keep rewriting random blocks at about this many bytes a second (units as --size; default 0: never)",
+    )
+    parser.add_argument(
+        "--report", type=Path, metavar="FILE",
+        help='append {"event": "quiesced"|"loaded", "digest": ..., "bytes": ...} to FILE at each quiesce and load',
+    )
     parser.add_argument("--threaded", action="store_true", help="use the threaded adapter instead of asyncio")
+    parser.add_argument(
+        "--one-shot-only", action="store_true",
+        help="offer only one-shot saves (the library's save and load callables form), no pre-copy",
+    )
     parser.add_argument(
         "--vmstate1", choices=[m.value for m in InlineMode], default=InlineMode.STREAM.value,
         help="serve QEMU's VMState1 with a stream blob (default), a raw legacy blob, or not at all (off)",
@@ -113,12 +306,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_records(payloads: Iterable[memoryview]) -> Iterator[Record]:
+    """The callables form hands load bare payloads: all DATA records."""
+    for seq, payload in enumerate(payloads):
+        yield Record(seq, RecordType.DATA, payload, len(payload), len(payload))
+
+
 def _sandbox(mode: str) -> None:
     try:
         apply_kill_filter(allow_threads=mode == "threads")
     except ImportError as exc:
         raise SystemExit(f"--sandbox needs the pyseccomp package and libseccomp: {exc}") from None
     logging.info("sandboxed: open, socket, exec%s now kill this process", "" if mode == "threads" else " and new threads")
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def _map_large_blocks(threshold: int = 128 << 10) -> None:
+    """Fix glibc's mmap threshold: every allocation of ``threshold`` bytes or
+    more gets a mapping of its own, given back to the kernel when freed.
+
+    glibc raises the threshold each time a mapped block is freed (up to
+    32 MiB: making the state frees a 64 MiB pool, the back-end's warm-up
+    frees 3 MiB), and then 1 MiB blocks come from the heap: a block that is
+    rewritten or replaced leaves a hole there that stays resident (a 2 GiB
+    load peaked at some 500 MiB above its state; dirtying at 64 MiB/s grew
+    the process by 55 MiB/s).  Setting the threshold also ends glibc's
+    adjusting it, so this is called once, first thing.  The warm-up's trim
+    still happens (it frees blocks of 64 KiB).  Not glibc: nothing.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
 
 
 def _print_ready(unique_name: str) -> None:
@@ -161,21 +382,34 @@ def _serve_threaded(backend: ThreadedBackend, sandbox: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _map_large_blocks()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.sandbox and args.save_loaded is not None:
         parser.error("--save-loaded writes a file, which --sandbox forbids")
     logging.basicConfig(level=logging.INFO, format=f"memstate[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if args.state_file is not None:
-        state = bytearray(args.state_file.read_bytes())
+        blocks = file_blocks(args.state_file)
     else:
-        state = deterministic_state(args.size, args.seed)
-    memstate = MemState(state, args.save_loaded)
+        blocks = deterministic_blocks(args.size, args.seed)
+    report = args.report.open("a") if args.report is not None else None  # now: a sandbox forbids open
+    memstate = MemState(blocks, save_loaded=args.save_loaded, report=report)
+    dirtier = Dirtier(memstate, args.dirty_rate, args.seed) if args.dirty_rate else None
+    if dirtier is not None:
+        dirtier.start()
     options = {"address": args.address, "vmstate1": args.vmstate1}
-    if args.threaded:
-        _serve_threaded(ThreadedBackend(args.id, memstate.save, memstate.load, **options), args.sandbox)
-    else:
-        asyncio.run(_serve_asyncio(Backend(args.id, memstate.save, memstate.load, **options), args.sandbox))
+    # A daemon object, or (without iterative support) its save and load callables.
+    daemon = (memstate.save, lambda payloads: memstate.load(_as_records(payloads))) if args.one_shot_only else (memstate,)
+    try:
+        if args.threaded:
+            _serve_threaded(ThreadedBackend(args.id, *daemon, **options), args.sandbox)
+        else:
+            asyncio.run(_serve_asyncio(Backend(args.id, *daemon, **options), args.sandbox))
+    finally:
+        if dirtier is not None:
+            dirtier.stop()
+        if report is not None:
+            report.close()
     return 0
 
 

@@ -145,13 +145,23 @@ async def cancel_latest(bus: MessageBus, backend: BackendInfo, wait: float = 10.
 
 async def reset(bus: MessageBus, backend: BackendInfo) -> ResetReport:
     """Reset a back-end: from ``error`` back to ``running`` (a no-op in ``running``)."""
+    return await _change_state(bus, backend, "Reset")
+
+
+async def resume(bus: MessageBus, backend: BackendInfo) -> ResetReport:
+    """Resume a back-end: from ``stopped`` (after a live save's stop-copy) back
+    to ``running`` (a no-op in ``running``)."""
+    return await _change_state(bus, backend, "Resume")
+
+
+async def _change_state(bus: MessageBus, backend: BackendInfo, member: str) -> ResetReport:
     report = ResetReport(backend.id, backend.unique_name)
     try:
         before = (await describe(bus, backend)).state
         report = replace(report, before=before, after=before)
         if before == VMSTATE1_ONLY:
             return report
-        await call(bus, backend.unique_name, VMSTATE2, "Reset")
+        await call(bus, backend.unique_name, VMSTATE2, member)
         return replace(report, after=(await describe(bus, backend)).state)
     except VMStateError as exc:
         return replace(report, error=exc)

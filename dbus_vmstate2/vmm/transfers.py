@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from ..backend.channel import enlarge_pipe
+from ..fds import enlarge_pipe
 from ..errors import (
     BackendFailed,
     Cancelled,
@@ -185,7 +185,7 @@ class _Transfer:
     """The Save or Load call, once made."""
 
 
-class _Operation:
+class Operation:
     """The transfers of one save or load: started together, stopped together.
 
     Only what this operation started is ever stopped: a transfer whose
@@ -303,7 +303,7 @@ async def wait_regardless(future: asyncio.Future[Any]) -> None:
             continue
 
 
-async def _in_thread(
+async def in_thread(
     fn: Callable[..., T], *args: Any, stop: Callable[[], None] | None = None, discard: Callable[[T], None] | None = None
 ) -> T:
     """Run ``fn(*args)`` in a worker thread and return its result.
@@ -324,7 +324,7 @@ async def _in_thread(
         raise
 
 
-def _labelled(backend: BackendInfo, exc: VMStateError) -> VMStateError:
+def labelled(backend: BackendInfo, exc: VMStateError) -> VMStateError:
     label = f"back-end {backend.id!r}"
     labelled = type(exc)(str(exc) if str(exc).startswith(label) else f"{label}: {exc}")
     labelled.remote_name = exc.remote_name
@@ -360,15 +360,15 @@ async def save_to_file(
         raise NoBackends("no back-ends to save")
     progress = progress or Progress()
     progress.backends = len(backends)
-    writer = await _in_thread(SaveFileWriter, path, discard=SaveFileWriter.abort)
+    writer = await in_thread(SaveFileWriter, path, discard=SaveFileWriter.abort)
     try:
-        operation = _Operation(bus, backends)
+        operation = Operation(bus, backends)
         async with operation.signals:
             progress.begin("saving")
             jobs = [_save_one(operation, writer, b, options or {}, progress) for b in backends]
             infos = await operation.run(jobs)
         progress.begin("syncing")
-        await _in_thread(writer.commit, stop=writer.abandon)
+        await in_thread(writer.commit, stop=writer.abandon)
         progress.phase = "done"
     except BaseException:
         writer.abort()
@@ -377,7 +377,7 @@ async def save_to_file(
 
 
 async def _save_one(
-    operation: _Operation, writer: SaveFileWriter, backend: BackendInfo, options: dict[str, Variant], progress: Progress,
+    operation: Operation, writer: SaveFileWriter, backend: BackendInfo, options: dict[str, Variant], progress: Progress,
 ) -> StreamInfo:
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -387,7 +387,7 @@ async def _save_one(
         try:
             number = await operation.start(backend, "Save", write_end, options)
             try:
-                await _in_thread(_pump_to_file, read_end, writer, stream, backend.id, progress)
+                await in_thread(pump_to_file, read_end, writer, stream, backend.id, progress)
                 info = writer.close_stream(stream)
             except StreamError as exc:
                 # A bad stream on save is the back-end's failure, not a bad
@@ -397,7 +397,7 @@ async def _save_one(
                 raise BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}") from exc
             await operation.signals.wait_finished(backend, number)
         except VMStateError as exc:
-            raise _labelled(backend, exc) from exc
+            raise labelled(backend, exc) from exc
     finally:
         os.close(read_end)
     progress.seconds[backend.id] = time.monotonic() - started
@@ -415,17 +415,42 @@ async def _reported_failure(signals: FinishedSignals, backend: BackendInfo, numb
         pass
 
 
-def _pump_to_file(fd: int, writer: SaveFileWriter, stream: int, backend_id: str, progress: Progress) -> None:
+class Throttle:
+    """Caps the total rate of the pumps that share it, in bytes per second
+    (QEMU's ``max-bandwidth``): each pump waits after a read until the bytes
+    read so far fit the rate."""
+
+    def __init__(self, rate: float) -> None:
+        if not rate > 0:
+            raise ValueError(f"a bandwidth cap must be more than 0 bytes per second, not {rate!r}")
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def take(self, size: int) -> None:
+        """Account for ``size`` bytes just moved; sleep as long as the cap asks."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + size / self.rate
+            delay = self._free_at - now
+        time.sleep(delay)
+
+
+def pump_to_file(
+    fd: int, writer: SaveFileWriter, stream: int, backend_id: str, progress: Progress, throttle: Throttle | None = None
+) -> None:
     # One buffer for the whole stream: a fresh 1 MiB bytes per read costs
     # page faults that showed up as system time.  The writer has written
     # (and its skimming decoder consumed) each piece before write() returns.
-    buffer = bytearray(CHUNK)
+    buffer = bytearray(CHUNK if throttle is None else min(CHUNK, max(4096, int(throttle.rate / 20))))
     view = memoryview(buffer)
     total = 0
     while size := os.readv(fd, [buffer]):
         writer.write(stream, view[:size])
         total += size
         progress.done[backend_id] = total
+        if throttle is not None:
+            throttle.take(size)
 
 
 async def load_from_file(
@@ -460,7 +485,7 @@ async def load_from_file(
             state it had unless its load succeeded.
     """
     progress = progress or Progress()
-    reader = await _in_thread(SaveFileReader, path, discard=SaveFileReader.close)
+    reader = await in_thread(SaveFileReader, path, discard=SaveFileReader.close)
     try:
         if not backends:
             raise NoBackends("no back-ends to load")
@@ -475,11 +500,11 @@ async def load_from_file(
         if verify:
             progress.begin("verifying", {info.backend_id: info.stream_bytes for info in reader.streams})
             stop = threading.Event()
-            errors = await _in_thread(verify_streams, reader, _counter(progress), stop, stop=stop.set)
+            errors = await in_thread(verify_streams, reader, _counter(progress), stop, stop=stop.set)
             bad = [f"{info.backend_id!r}: {error}" for info, error in zip(reader.streams, errors, strict=True) if error]
             if bad:
                 raise Corrupt(f"{os.fspath(path)} does not verify, nothing was loaded: {'; '.join(bad)}")
-        operation = _Operation(bus, backends)
+        operation = Operation(bus, backends)
         async with operation.signals:
             progress.begin("loading", {b.id: reader.streams[streams[b.id]].stream_bytes for b in backends})
             jobs = [_load_one(operation, reader, streams[b.id], b, progress) for b in backends]
@@ -497,7 +522,7 @@ def _counter(progress: Progress) -> Callable[[str, int], None]:
     return count
 
 
-async def _load_one(operation: _Operation, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress) -> None:
+async def _load_one(operation: Operation, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress) -> None:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     started = time.monotonic()
     try:
@@ -509,7 +534,7 @@ async def _load_one(operation: _Operation, reader: SaveFileReader, stream: int, 
         try:
             pump_error: BaseException | None = None
             try:
-                await _in_thread(_pump_from_file, reader, stream, write_end, backend.id, progress)
+                await in_thread(_pump_from_file, reader, stream, write_end, backend.id, progress)
             except BrokenPipeError as exc:
                 pump_error = exc  # the back-end stopped reading: its outcome says why
             os.close(write_end)
@@ -518,7 +543,7 @@ async def _load_one(operation: _Operation, reader: SaveFileReader, stream: int, 
             if pump_error is not None:
                 raise VMStateError("the back-end stopped reading its stream early") from pump_error
         except VMStateError as exc:
-            raise _labelled(backend, exc) from exc
+            raise labelled(backend, exc) from exc
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:

@@ -1,0 +1,302 @@
+"""A live save: iterative pre-copy of several back-ends into one saved file.
+
+The I/O side of :class:`~.precopy.PreCopyPlan`.  Every back-end gets a pipe
+and ``SavePreCopy``; its stream is pumped into the saved file (the same
+container as a one-shot save, so ``load`` reads it unchanged) while the
+daemons serve on.  Every :data:`TICK` seconds, or sooner when the plan asks,
+each back-end's ``Pending()`` and ``Check()`` and the bytes received are fed
+to the plan, whose decision is carried out: keep going; switch over
+(``StopCopy`` on every back-end at once: the downtime starts); or give up.
+
+A back-end's stop-copy has ended when its pump reached the end of its stream
+(the writer verified the trailer as it passed) and its ``TransferFinished``
+reported success; the last such end closes the downtime.  Then the file is
+committed (fsync, rename).  On success the back-ends stay ``stopped``, their
+state frozen as it is in the file (as QEMU leaves a VM after a migration to
+a file), unless ``resume`` is asked for.
+
+Failure handling: any failure (a back-end's, the plan giving up, our own
+cancellation) stops every transfer this save started (``CancelTransfer``),
+waits for the pumps, and resumes every back-end that had already reached
+``stopped``: each serves on with its state untouched, and no file appears
+under the final name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from ..fds import enlarge_pipe
+from ..errors import BackendFailed, NoBackends, StreamError, VMStateError
+from ..names import VMSTATE2
+from .calls import call
+from .discovery import BackendInfo
+from .precopy import (
+    AwaitStopCopy,
+    Continue,
+    Counters,
+    Finished,
+    GiveUp,
+    Observation,
+    PendingReply,
+    PreCopyConfig,
+    PreCopyPlan,
+    Status,
+    Summary,
+    SwitchOver,
+)
+from .savefile import SaveFileWriter, save_target
+from .transfers import Operation, Progress, Throttle, in_thread, labelled, pump_to_file, wait_regardless
+
+TICK = 0.1
+"""Seconds between two looks at the back-ends' estimates."""
+
+
+class _InitialSignals:
+    """Notes which back-ends have emitted InitialDataSent."""
+
+    RULE = f"type='signal',interface='{VMSTATE2}',member='InitialDataSent'"
+
+    def __init__(self, bus: MessageBus, wake: asyncio.Event) -> None:
+        self._bus = bus
+        self._wake = wake
+        self.senders: set[str] = set()
+
+    async def __aenter__(self) -> _InitialSignals:
+        self._bus.add_message_handler(self._on_message)
+        await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._bus.remove_message_handler(self._on_message)
+        if self._bus.connected:
+            await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "RemoveMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == "InitialDataSent":
+            self.senders.add(msg.sender or "")
+            self._wake.set()
+
+
+class _Source:
+    """One back-end of the live save."""
+
+    def __init__(self, backend: BackendInfo) -> None:
+        self.backend = backend
+        self.number: int | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self.outcome: asyncio.Task[Any] | None = None
+        self.counters: Counters | None = None
+        self.done = False
+
+
+async def save_live(
+    bus: MessageBus,
+    backends: Sequence[BackendInfo],
+    path: str | os.PathLike[str],
+    options: dict[str, Variant] | None = None,
+    config: PreCopyConfig | None = None,
+    progress: Progress | None = None,
+    *,
+    on_status: Callable[[Status], None] | None = None,
+    switch_over: asyncio.Event | None = None,
+    resume: bool = False,
+    max_bandwidth: float | None = None,
+) -> Summary:
+    """Save ``backends`` live into one new file at ``path``.
+
+    Args:
+        options: SavePreCopy options (``compression``, ``level``, ``workers``).
+        config: the plan's limits (downtime limit, rounds, timeouts, force).
+        progress: updated with the bytes received per back-end.
+        on_status: called with the plan's status after every tick.
+        switch_over: set it to switch over now, whatever the plan says.
+        resume: resume the back-ends once the file is committed (else they
+            stay ``stopped``).
+        max_bandwidth: cap the total rate read from the back-ends, in bytes
+            per second (QEMU's ``max-bandwidth``); None: no cap.
+
+    Returns:
+        The plan's summary: bytes, rounds, times, the measured downtime.
+
+    Raises:
+        UnusableFile: ``path`` cannot take a saved file; no back-end was touched.
+        NoBackends: ``backends`` is empty.
+        MigrationAborted: the plan gave up (it says why, with the figures).
+        VMStateError: a back-end failed (named).  In every failure no file
+            is left under ``path`` and every back-end serves on.
+    """
+    save_target(path)
+    if not backends:
+        raise NoBackends("no back-ends to save")
+    progress = progress or Progress()
+    progress.backends = len(backends)
+    writer = await in_thread(SaveFileWriter, path, discard=SaveFileWriter.abort)
+    operation = Operation(bus, backends)
+    sources = [_Source(b) for b in backends]
+    wake = asyncio.Event()
+    throttle = Throttle(max_bandwidth) if max_bandwidth is not None else None
+    try:
+        async with operation.signals, _InitialSignals(bus, wake) as initial:
+            progress.begin("pre-copy")
+            try:
+                for source in sources:
+                    await _start(operation, writer, source, options or {}, progress, wake, throttle)
+                summary = await _drive(bus, sources, initial, config, progress, wake, on_status, switch_over)
+            except BaseException:
+                await wait_regardless(asyncio.ensure_future(_abandon(bus, operation, sources)))
+                raise
+        progress.begin("syncing")
+        await in_thread(writer.commit, stop=writer.abandon)
+        progress.phase = "done"
+    except BaseException:
+        writer.abort()
+        raise
+    if resume:
+        await _resume(bus, sources)
+    return summary
+
+
+async def _start(
+    operation: Operation, writer: SaveFileWriter, source: _Source, options: dict[str, Variant], progress: Progress,
+    wake: asyncio.Event, throttle: Throttle | None,
+) -> None:
+    backend = source.backend
+    stream = writer.open_stream(backend.id)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        enlarge_pipe(read_end)
+        source.number = await operation.start(backend, "SavePreCopy", write_end, options)
+    except VMStateError as exc:
+        os.close(read_end)
+        raise labelled(backend, exc) from exc
+    except BaseException:
+        os.close(read_end)
+        raise
+
+    async def pump() -> None:
+        try:
+            await in_thread(pump_to_file, read_end, writer, stream, backend.id, progress, throttle)
+            writer.close_stream(stream)
+        except StreamError as exc:
+            raise labelled(backend, BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}")) from exc
+        finally:
+            os.close(read_end)
+            wake.set()
+
+    async def outcome() -> Any:
+        try:
+            return await operation.signals.wait_finished(backend, source.number)
+        except VMStateError as exc:
+            raise labelled(backend, exc) from exc
+        finally:
+            wake.set()
+
+    source.pump = asyncio.ensure_future(pump())
+    source.outcome = asyncio.ensure_future(outcome())
+
+
+async def _drive(
+    bus: MessageBus, sources: list[_Source], initial: _InitialSignals, config: PreCopyConfig | None,
+    progress: Progress, wake: asyncio.Event, on_status: Callable[[Status], None] | None,
+    switch_over: asyncio.Event | None,
+) -> Summary:
+    """Tick the plan until it finishes; raise if it gives up or a back-end fails."""
+    plan = PreCopyPlan([s.backend.id for s in sources], time.monotonic(), config)
+    switched = False
+    while True:
+        _raise_failures(sources)
+        now = time.monotonic()
+        for source in sources:
+            if source.done or not (source.pump.done() and source.outcome.done()):
+                continue
+            source.done = True
+            finished = source.outcome.result()
+            if finished is not None:
+                source.counters = Counters(finished.raw_bytes, finished.stream_bytes)
+            plan.stop_copy_finished(
+                source.backend.id, now, received=progress.done.get(source.backend.id, 0), counters=source.counters
+            )
+        observations = [await _observe(bus, s, initial, progress) for s in sources]
+        if switch_over is not None and switch_over.is_set() and not switched:
+            decision = plan.switch_over_now(time.monotonic())
+        else:
+            decision = plan.tick(time.monotonic(), observations)
+        if isinstance(decision, SwitchOver) and not switched:
+            switched = True
+            progress.phase = "stop-copy"  # not begin(): the received counts go on
+            await asyncio.gather(*(
+                call(bus, s.backend.unique_name, VMSTATE2, "StopCopy", "t", [s.number]) for s in sources
+            ))
+        elif isinstance(decision, GiveUp):
+            raise decision.error()
+        elif isinstance(decision, Finished):
+            return decision.summary
+        if on_status is not None:
+            on_status(plan.status(time.monotonic()))
+        deadline = decision.deadline if isinstance(decision, Continue | AwaitStopCopy) else None
+        timeout = TICK if deadline is None else max(0.0, min(TICK, deadline - time.monotonic()))
+        wake.clear()
+        waits = [asyncio.ensure_future(wake.wait())]
+        if switch_over is not None and not switched:
+            waits.append(asyncio.ensure_future(switch_over.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+
+async def _observe(bus: MessageBus, source: _Source, initial: _InitialSignals, progress: Progress) -> Observation:
+    backend = source.backend
+    received = progress.done.get(backend.id, 0)
+    if source.done:
+        return Observation(backend.id, received, initial_data_sent=True)
+    pending = None
+    try:
+        number, finished, _, raw, stream = await call(bus, backend.unique_name, VMSTATE2, "Check")
+        if number == source.number:
+            source.counters = Counters(raw, stream)
+            if not finished:  # once stopped, Pending no longer describes this transfer
+                pending = PendingReply(*await call(bus, backend.unique_name, VMSTATE2, "Pending"))
+    except VMStateError:
+        pass  # its outcome (TransferFinished) will say what happened
+    return Observation(
+        backend.id, received, pending, initial_data_sent=backend.unique_name in initial.senders, written=source.counters
+    )
+
+
+def _raise_failures(sources: list[_Source]) -> None:
+    for source in sources:
+        for task in (source.pump, source.outcome):
+            if task is not None and task.done() and task.exception() is not None:
+                raise task.exception()
+
+
+async def _abandon(bus: MessageBus, operation: Operation, sources: list[_Source]) -> None:
+    """Stop our transfers, wait for the pumps, and resume what was stopped."""
+    await operation.stop()
+    tasks = [t for s in sources for t in (s.pump, s.outcome) if t is not None]
+    if tasks:
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: the first failure speaks for all
+    await _resume(bus, sources)
+
+
+async def _resume(bus: MessageBus, sources: list[_Source]) -> None:
+    for source in sources:
+        if source.number is None:
+            continue
+        try:
+            await call(bus, source.backend.unique_name, VMSTATE2, "Resume")
+        except Exception:  # gone, or not stopped (Resume in running does nothing)
+            pass
