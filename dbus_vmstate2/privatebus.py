@@ -41,10 +41,14 @@ class PrivateBus:
     Args:
         policy: the ``<policy>`` elements of the bus configuration
             (default :data:`OPEN_POLICY`).
+        shared: let other users reach the socket (its directory is made
+            searchable by all); the policy must still admit them
+            (``<allow user="*"/>``).  For tests with a second user.
     """
 
-    def __init__(self, policy: str = OPEN_POLICY) -> None:
+    def __init__(self, policy: str = OPEN_POLICY, *, shared: bool = False) -> None:
         self._policy = policy
+        self._shared = shared
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -57,6 +61,8 @@ class PrivateBus:
             RuntimeError: the daemon exited before it was ready.
         """
         self._dir = Path(tempfile.mkdtemp(prefix="dbus-vmstate2-bus-"))
+        if self._shared:
+            self._dir.chmod(0o755)
         socket = self._dir / "bus"
         config = self._dir / "bus.conf"
         config.write_text(_CONFIG.format(socket=socket, policy=self._policy))

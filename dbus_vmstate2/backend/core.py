@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_
 from ..states import Effect, Event, Machine, State, Step, Transfer
 from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression, RecordType
 from .boundary import call_daemon, log, log_exception
+from .callers import CallerGate, default_allowed_uids
 from .channel import Channel
 from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable, as_daemon
 from .fdguard import FdGuard
@@ -48,6 +49,10 @@ from .vmstate2 import VMState2Interface
 from .workers import Workers
 
 FD_METHODS = [("Save", "ha{sv}"), ("SavePreCopy", "ha{sv}"), ("Load", "ha{sv}")]
+GUARDED_MEMBERS = {
+    "Save", "SavePreCopy", "StopCopy", "Resume", "Pending", "Load", "Check", "Cancel", "CancelTransfer", "Reset",
+}
+"""The methods of both interfaces, for a call that names no interface."""
 
 
 @dataclass
@@ -83,6 +88,10 @@ class Backend:
             state, as a daemon written by hand against QEMU's interface
             serves it; Load takes either) or ``off`` (VMState2 only; QEMU's
             dbus-vmstate never sees this back-end).  See backend/inline.py.
+        allowed_uids: the Unix users whose connections may call the
+            back-end's methods (backend/callers.py); default: the back-end's
+            own user and root.  Others get AccessDenied; anyone the bus
+            admits may still read the properties.
 
     Raises:
         TypeError: not a daemon, or a load that is a coroutine function.
@@ -97,8 +106,10 @@ class Backend:
         address: str | None = None,
         compression: Compression = Compression.ZSTD,
         vmstate1: InlineMode | str = InlineMode.STREAM,
+        allowed_uids: Iterable[int] | None = None,
     ) -> None:
         self.id = check_id(backend_id)
+        self.allowed_uids = default_allowed_uids() if allowed_uids is None else frozenset(allowed_uids)
         self._daemon = as_daemon(daemon, load)
         self._iterative = isinstance(self._daemon, PreCopyDaemon)
         self._address = address
@@ -155,6 +166,10 @@ class Backend:
             bus = MessageBus(bus_address=self._address, negotiate_unix_fd=True)
         await bus.connect()
         try:
+            gate = CallerGate(bus, OBJECT_PATH, {VMSTATE1, VMSTATE2}, self.allowed_uids)
+            gate.watch_members(GUARDED_MEMBERS)
+            bus.add_message_handler(gate)  # first: a call it holds reaches the others once
+            await gate.start()
             bus.add_message_handler(FdGuard(OBJECT_PATH, VMSTATE2, FD_METHODS))
             bus.add_message_handler(self._note_caller)
             names = [VMSTATE2]

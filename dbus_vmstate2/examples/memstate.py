@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threaded", action="store_true", help="use the threaded adapter instead of asyncio")
     parser.add_argument(
+        "--allow-uid", type=int, action="append", metavar="UID",
+        help="a Unix user that may call the back-end (repeatable; default: this process's user and root)",
+    )
+    parser.add_argument(
         "--one-shot-only", action="store_true",
         help="offer only one-shot saves (the library's save and load callables form), no pre-copy",
     )
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     dirtier = Dirtier(memstate, args.dirty_rate, args.seed) if args.dirty_rate else None
     if dirtier is not None:
         dirtier.start()
-    options = {"address": args.address, "vmstate1": args.vmstate1}
+    options = {"address": args.address, "vmstate1": args.vmstate1, "allowed_uids": args.allow_uid}
     # A daemon object, or (without iterative support) its save and load callables.
     daemon = (memstate.save, lambda payloads: memstate.load(_as_records(payloads))) if args.one_shot_only else (memstate,)
     try:
