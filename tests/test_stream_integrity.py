@@ -328,3 +328,31 @@ def test_the_spec_shows_the_same_vectors():
         flat = flat.replace(label, "")
     for vector in (VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD):
         assert vector.hex() in flat
+
+
+def test_a_stream_fed_a_byte_at_a_time_costs_no_more_memory_than_its_record():
+    # A SOCK_SEQPACKET socket or a slow pipe may hand over one byte per read:
+    # the decoder must not keep an object per piece (it grew by ~450 bytes of
+    # memory per stream byte).
+    import tracemalloc
+
+    from dbus_vmstate2.stream import NEED_DATA, Compression, Record, StreamDecoder, encode_stream
+
+    record = bytes(range(256)) * 1024  # 256 KiB
+    stream = encode_stream("tiny", [record], Compression.NONE)
+    decoder = StreamDecoder("tiny")
+    tracemalloc.start()
+    try:
+        view = memoryview(stream)
+        got = []
+        for i in range(len(view)):
+            decoder.feed(view[i : i + 1])
+            while (event := decoder.next_event()) is not NEED_DATA:
+                if isinstance(event, Record):
+                    got.append(len(event.payload))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    decoder.feed_eof()
+    assert got == [len(record)]
+    assert peak < 3 * len(record), f"peak {peak >> 10} KiB for a {len(record) >> 10} KiB record"

@@ -44,11 +44,22 @@ from ._zstd import zstd
 Buffer = bytes | bytearray | memoryview
 
 
+SMALL_INPUT = 64 << 10
+"""Pieces of input smaller than this are gathered into one buffer: a stream
+fed a byte at a time (a SOCK_SEQPACKET socket, a slow pipe) must cost no more
+memory than the bytes it carries, not an object per piece."""
+
+
 class _Input:
-    """A queue of read-only memoryviews, consumed from the front."""
+    """A queue of read-only memoryviews, consumed from the front.
+
+    Small pieces go into ``_small`` first and become one chunk when it is
+    full or when anything is consumed; large pieces are kept as they are.
+    """
 
     def __init__(self) -> None:
         self._chunks: deque[memoryview] = deque()
+        self._small = bytearray()
         self.size = 0
 
     def append(self, data: Buffer, copy: bool) -> None:
@@ -57,10 +68,21 @@ class _Input:
             view = view.cast("B")
         if not view.nbytes:
             return
+        self.size += view.nbytes
+        if view.nbytes < SMALL_INPUT:
+            self._small += view  # a copy: the caller may reuse its buffer
+            if len(self._small) >= SMALL_INPUT:
+                self._gather()
+            return
+        self._gather()
         if copy and not view.readonly:  # the caller may reuse its buffer: keep our own copy
             view = memoryview(view.tobytes())
         self._chunks.append(view)
-        self.size += view.nbytes
+
+    def _gather(self) -> None:
+        if self._small:
+            self._chunks.append(memoryview(bytes(self._small)))
+            self._small = bytearray()
 
     def detach(self) -> None:
         """Copy what is left of mutable chunks (a few bytes when skimming)."""
@@ -70,6 +92,7 @@ class _Input:
 
     def peek(self, n: int) -> bytes:
         """The first min(n, size) bytes, copied (n is small)."""
+        self._gather()
         out = b""
         for chunk in self._chunks:
             if len(out) >= n:
@@ -79,6 +102,7 @@ class _Input:
 
     def take(self, n: int) -> memoryview:
         """Remove and return the first n bytes (size >= n); no copy within one chunk."""
+        self._gather()
         first = self._chunks[0]
         if len(first) >= n:
             out = first[:n]
@@ -95,6 +119,7 @@ class _Input:
 
     def skip(self, n: int) -> int:
         """Discard up to n bytes; return how many were discarded."""
+        self._gather()
         done = 0
         while done < n and self._chunks:
             step = min(n - done, len(self._chunks[0]))
