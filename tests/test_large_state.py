@@ -43,18 +43,32 @@ def memory(pid: int) -> dict[str, int]:
     return fields
 
 
+# Runs a command and reports its peak RSS on the fd given first.  It stands between the test
+# and the command because Linux carries a process's peak RSS across fork and
+# exec: a command forked by pytest itself would report pytest's size if that
+# were larger than its own.  This process is small when it forks the command.
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+os.write(int(sys.argv[1]), f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss * 1024}".encode())
+"""
+
+
 def run_measured(*args: str) -> tuple[int, int, str]:
     """Run the dbus-vmstate2 command; return its exit code, its own peak RSS and its stderr."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dbus_vmstate2", *args], cwd=ROOT,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    assert process.stderr is not None
-    stderr = process.stderr.read()
-    process.stderr.close()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss * 1024, stderr
+    r, w = os.pipe()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(w), sys.executable, "-m", "dbus_vmstate2", *args], cwd=ROOT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, pass_fds=(w,),
+        )
+    finally:
+        os.close(w)
+    with os.fdopen(r) as result:
+        code, peak = map(int, result.read().split())
+    assert done.returncode == 0, done.stderr
+    return code, peak, done.stderr
 
 
 async def slowest_answer(client, backend, done: asyncio.Event) -> float:

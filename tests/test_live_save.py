@@ -95,15 +95,18 @@ def test_a_killed_live_save_leaves_the_source_serving_with_its_state(bus_address
     source = memstate("fs", "--size", "256M", "--seed", "4", "--dirty-rate", "4M", "--report", str(report))
     fds = count_fds(source.process.pid)
     saved = tmp_path / "killed.vmstate"
-    process = spawn(bus_address, "save", str(saved), "--live", "--compression", "none")
-    wait_for(lambda: backend_state(bus_address, source) == "pre-copy", "pre-copy")
-    if when == "stop-copy":
-        time.sleep(0.2)
-        process.send_signal(signal.SIGUSR1)  # switch over now, with most of the state still to send
-        wait_for(lambda: events(report, "quiesced"), "the quiesce")  # the daemon is frozen: the VM's downtime
-        assert backend_state(bus_address, source) == "stop-copy"
-    process.kill()
-    process.communicate(timeout=60)
+    # Capped, so that the stop-copy of what is left lasts several seconds.
+    process = spawn(bus_address, "save", str(saved), "--live", "--compression", "none", "--max-bandwidth", "32M")
+    try:
+        wait_for(lambda: backend_state(bus_address, source) == "pre-copy", "pre-copy")
+        if when == "stop-copy":
+            time.sleep(0.2)
+            process.send_signal(signal.SIGUSR1)  # switch over now, with most of the state still to send
+            wait_for(lambda: events(report, "quiesced"), "the quiesce")  # the daemon is frozen: the VM's downtime
+            assert backend_state(bus_address, source) == "stop-copy"
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
     wait_for(lambda: backend_state(bus_address, source) == "running", "running")
     assert len(events(report, "quiesced")) == (1 if when == "stop-copy" else 0)
     # Resumed and intact: it serves, changes, and saves whole again.
@@ -117,9 +120,11 @@ def test_sigterm_in_a_live_save_cancels_it_cleanly(bus_address, memstate, tmp_pa
     source = memstate("fs", "--size", "128M", "--seed", "5", "--dirty-rate", "4M")
     saved = tmp_path / "interrupted.vmstate"
     process = spawn(bus_address, "save", str(saved), "--live", "--compression", "none")
-    wait_for(lambda: backend_state(bus_address, source) == "pre-copy", "pre-copy")
-    process.terminate()
-    interrupted(process)
+    try:
+        wait_for(lambda: backend_state(bus_address, source) == "pre-copy", "pre-copy")
+    finally:
+        process.terminate()
+        interrupted(process)
     assert not saved.exists() and not temp_files(tmp_path)
     assert backend_state(bus_address, source) == "running"
 
