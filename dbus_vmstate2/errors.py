@@ -81,6 +81,11 @@ class Cancelled(VMStateError):
     dbus_name = ErrorName.CANCELLED
 
 
+class Stalled(Cancelled):
+    """The peer stopped reading or writing for longer than the stated bound:
+    the back-end ended the transfer itself (reported as Cancelled)."""
+
+
 class StreamError(VMStateError):
     """The stream or file we were given is not a valid dbus-vmstate2 stream.
 

@@ -322,3 +322,21 @@ async def test_cancel_stops_only_the_callers_own_transfer(client, bus_address, m
         await other.wait_for_disconnect()
     data = await save_bytes(client, backend)
     assert stream_state(data, "owned") == deterministic_state(16 << 20, 3)
+
+
+@pytest.mark.parametrize("member", ["Save", "Load"])
+async def test_a_peer_that_neither_reads_nor_writes_ends_the_transfer_within_the_stall_timeout(client, memstate, member):
+    memstate("stuck", "--size", "16M", "--seed", "2", "--stall-timeout", "1")
+    [backend] = await list_backends(client)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    mine, theirs = (r, w) if member == "Save" else (w, r)
+    started = asyncio.get_running_loop().time()
+    number = await start(client, backend, member, theirs, {"compression": Variant("s", "none")} if member == "Save" else {})
+    # We keep our end open and never touch it: the pipe fills (save) or stays empty (load).
+    with pytest.raises(Cancelled, match="nothing was (read|written) on the other end for 1 s"):
+        await wait_finished(client, backend, number)
+    assert asyncio.get_running_loop().time() - started < 10
+    assert await get_state(client, backend) == "running"
+    os.close(mine)
+    data = await save_bytes(client, backend)
+    assert stream_state(data, "stuck") == deterministic_state(16 << 20, 2)

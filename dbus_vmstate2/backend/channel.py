@@ -13,17 +13,24 @@ from __future__ import annotations
 import os
 import select
 
-from ..errors import Cancelled, VMStateError
+from ..errors import Cancelled, Stalled, VMStateError
 from ..fds import enlarge_pipe
 
 READ_SIZE = 1 << 20
 
 
 class Channel:
-    """Owns ``fd`` from construction on and closes it in :meth:`close`."""
+    """Owns ``fd`` from construction on and closes it in :meth:`close`.
 
-    def __init__(self, fd: int) -> None:
+    Args:
+        stall_timeout: how long one read or write may wait for the peer, in
+            seconds, before the transfer ends with :class:`Stalled` (a peer
+            that never reads or writes, yet keeps its end open); None: no bound.
+    """
+
+    def __init__(self, fd: int, stall_timeout: float | None = None) -> None:
         self.fd = fd
+        self._stall_ms = -1 if stall_timeout is None else max(1, int(stall_timeout * 1000))
         self._wake_r = self._wake_w = -1
         self._cancelled = False
         try:
@@ -111,5 +118,11 @@ class Channel:
         poller = select.poll()
         poller.register(self.fd, events)
         poller.register(self._wake_r, select.POLLIN)
-        poller.poll()  # POLLERR/POLLHUP also wake us: the next read or write reports them
+        # POLLERR/POLLHUP also wake us: the next read or write reports them.
+        if not poller.poll(self._stall_ms):
+            what = "read" if events == select.POLLOUT else "written"
+            raise Stalled(
+                f"nothing was {what} on the other end for {self._stall_ms / 1000:g} s: the transfer was ended; "
+                "the back-end keeps its state"
+            )
         self._check()

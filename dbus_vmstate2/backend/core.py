@@ -49,6 +49,9 @@ from .vmstate2 import VMState2Interface
 from .workers import Workers
 
 FD_METHODS = [("Save", "ha{sv}"), ("SavePreCopy", "ha{sv}"), ("Load", "ha{sv}")]
+STALL_TIMEOUT = 60.0
+"""Seconds a transfer may wait for a peer that neither reads nor writes."""
+
 GUARDED_MEMBERS = {
     "Save", "SavePreCopy", "StopCopy", "Resume", "Pending", "Load", "Check", "Cancel", "CancelTransfer", "Reset",
 }
@@ -92,6 +95,9 @@ class Backend:
             back-end's methods (backend/callers.py); default: the back-end's
             own user and root.  Others get AccessDenied; anyone the bus
             admits may still read the properties.
+        stall_timeout: how long a transfer may wait for its peer to read or
+            write, in seconds (default :data:`STALL_TIMEOUT`), before it ends
+            as Cancelled, the state kept; None: no bound.
 
     Raises:
         TypeError: not a daemon, or a load that is a coroutine function.
@@ -107,9 +113,11 @@ class Backend:
         compression: Compression = Compression.ZSTD,
         vmstate1: InlineMode | str = InlineMode.STREAM,
         allowed_uids: Iterable[int] | None = None,
+        stall_timeout: float | None = STALL_TIMEOUT,
     ) -> None:
         self.id = check_id(backend_id)
         self.allowed_uids = default_allowed_uids() if allowed_uids is None else frozenset(allowed_uids)
+        self._stall_timeout = stall_timeout
         self._daemon = as_daemon(daemon, load)
         self._iterative = isinstance(self._daemon, PreCopyDaemon)
         self._address = address
@@ -301,7 +309,7 @@ class Backend:
         except BaseException:
             os.close(fd)
             raise
-        channel = Channel(fd)  # owns fd from here, closes it on its own failure
+        channel = Channel(fd, self._stall_timeout)  # owns fd from here, closes it on its own failure
         try:
             step = self._handle(event)
         except BaseException:

@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threaded", action="store_true", help="use the threaded adapter instead of asyncio")
     parser.add_argument(
+        "--stall-timeout", type=float, default=60.0, metavar="S",
+        help="end a transfer whose peer neither reads nor writes for S seconds (default 60)",
+    )
+    parser.add_argument(
         "--allow-uid", type=int, action="append", metavar="UID",
         help="a Unix user that may call the back-end (repeatable; default: this process's user and root)",
     )
@@ -401,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     dirtier = Dirtier(memstate, args.dirty_rate, args.seed) if args.dirty_rate else None
     if dirtier is not None:
         dirtier.start()
-    options = {"address": args.address, "vmstate1": args.vmstate1, "allowed_uids": args.allow_uid}
+    options = {"address": args.address, "vmstate1": args.vmstate1, "allowed_uids": args.allow_uid,
+               "stall_timeout": args.stall_timeout}
     # A daemon object, or (without iterative support) its save and load callables.
     daemon = (memstate.save, lambda payloads: memstate.load(_as_records(payloads))) if args.one_shot_only else (memstate,)
     try:
