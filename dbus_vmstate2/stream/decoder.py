@@ -53,8 +53,9 @@ memory than the bytes it carries, not an object per piece."""
 class _Input:
     """A queue of read-only memoryviews, consumed from the front.
 
-    Small pieces go into ``_small`` first and become one chunk when it is
-    full or when anything is consumed; large pieces are kept as they are.
+    Small pieces that follow one another go into ``_small`` and become one
+    chunk when it is full or when anything is consumed; other pieces are kept
+    as they are.
     """
 
     def __init__(self) -> None:
@@ -69,8 +70,10 @@ class _Input:
         if not view.nbytes:
             return
         self.size += view.nbytes
-        if view.nbytes < SMALL_INPUT:
-            self._small += view  # a copy: the caller may reuse its buffer
+        # A small piece after another small one is gathered (copied); a lone
+        # one, like a large one, is kept as it is (viewed, not copied).
+        if view.nbytes < SMALL_INPUT and (self._small or (self._chunks and len(self._chunks[-1]) < SMALL_INPUT)):
+            self._small += view
             if len(self._small) >= SMALL_INPUT:
                 self._gather()
             return
