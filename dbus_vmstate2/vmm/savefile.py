@@ -201,10 +201,13 @@ class SaveFileWriter:
         if self._done:
             return
         self._done = True
-        self._file.close()
         try:
-            os.unlink(self._tmp)
+            os.unlink(self._tmp)  # first: closing may fail (it flushes onto a full disk)
         except FileNotFoundError:
+            pass
+        try:
+            self._file.close()
+        except OSError:  # ENOSPC or EIO again, from the flush: the file is gone anyway
             pass
 
     def _put(self, chunks: list) -> None:
