@@ -218,14 +218,13 @@ def reset_hwm(pid: int) -> bool:
 def serve_inline_backend(address: str, backend_id: str, size: int, compression: str) -> int:
     """The helper back-end of part 2: memstate's bytes, with a chosen VMState1 compression."""
     from dbus_vmstate2.backend import Backend as LibBackend
-    from dbus_vmstate2.examples.memstate import MemState, deterministic_state
+    from dbus_vmstate2.examples.memstate import MemState, deterministic_blocks
     from dbus_vmstate2.stream import Compression
 
-    state = MemState(deterministic_state(size, 1), None)
+    state = MemState(deterministic_blocks(size, 1))
 
     async def main() -> None:
-        backend = LibBackend(backend_id, state.save, state.load, address=address,
-                             compression=Compression[compression.upper()])
+        backend = LibBackend(backend_id, state, address=address, compression=Compression[compression.upper()])
         await backend.start()
         print(f"READY {backend.unique_name}", flush=True)
         stop = asyncio.Event()
