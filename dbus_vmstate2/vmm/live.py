@@ -212,6 +212,10 @@ async def _drive(
     plan = PreCopyPlan([s.backend.id for s in sources], time.monotonic(), config)
     switched = False
     while True:
+        # Cleared before the tasks are looked at: a pump or an outcome that
+        # ends from here on wakes the wait below at once (a wake-up lost to
+        # the queries in between cost up to a tick of downtime).
+        wake.clear()
         _raise_failures(sources)
         now = time.monotonic()
         for source in sources:
@@ -243,7 +247,6 @@ async def _drive(
             on_status(plan.status(time.monotonic()))
         deadline = decision.deadline if isinstance(decision, Continue | AwaitStopCopy) else None
         timeout = TICK if deadline is None else max(0.0, min(TICK, deadline - time.monotonic()))
-        wake.clear()
         waits = [asyncio.ensure_future(wake.wait())]
         if switch_over is not None and not switched:
             waits.append(asyncio.ensure_future(switch_over.wait()))
