@@ -138,6 +138,8 @@ def _report_failure(args: argparse.Namespace, exc: BaseException, code: int) -> 
     if isinstance(exc, KeyboardInterrupt):
         signum = entry.received() or signal.SIGINT
         message = f"interrupted ({signal.Signals(signum).name})"
+    elif isinstance(exc, StreamError):  # a damaged file or stream: name the fault (docs/stream-format.md §6.3)
+        message = f"{type(exc).__name__}: {exc}"
     else:
         message = str(exc) or type(exc).__name__
     _err(f"dbus-vmstate2 {args.command}: {message}")

@@ -15,7 +15,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendFailed, StreamError, Unsupported, VMStateError
+from ..errors import BackendFailed, Malformed, Unsupported, VMStateError
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
 from .channel import Channel
 from .boundary import daemon_failed
@@ -255,4 +255,4 @@ class _RecordReader:
         # Checked before the daemon's loop ends, that is before it commits.
         extra = self._channel.read()
         if extra:
-            raise StreamError(f"the stream has data after its trailer ({len(extra)} bytes or more)")
+            raise Malformed(f"the stream has data after its trailer ({len(extra)} bytes or more), expected none")
