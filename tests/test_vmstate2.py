@@ -17,7 +17,7 @@ from dbus_vmstate2.vmm import connect, list_backends
 from dbus_vmstate2.vmm.calls import PROPERTIES, call
 
 from .conftest import count_fds
-from .introspection import members_from_busctl, members_from_xml
+from .introspection import busctl_table, described_from_busctl, described_from_xml, members_from_busctl, members_from_xml
 
 
 async def start(client, backend, member, fd, options=None):
@@ -95,6 +95,12 @@ async def test_busctl_introspection_and_state_property(bus_address, memstate):
     backend = memstate("intro", "--size", "1K")
     live = await asyncio.to_thread(members_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
     assert live == members_from_xml(VMSTATE2)
+    # Everything the XML says: argument names, directions and order, annotations.
+    served = await asyncio.to_thread(described_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
+    assert served == described_from_xml(VMSTATE2)
+    flags = {f[0]: f[4:] for f in await asyncio.to_thread(busctl_table, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
+             if f[1] == "property"}  # fmt: skip
+    assert "const" in flags[".Id"] and "const" in flags[".Capabilities"] and "emits-change" in flags[".State"]
     out = subprocess.run(
         ["busctl", f"--address={bus_address}", "get-property", backend.unique_name, OBJECT_PATH, VMSTATE2, "State"],
         check=True, capture_output=True, text=True, timeout=30,
