@@ -387,7 +387,7 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
     _add_bus_options(p)
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd", help="default: zstd")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
-    p.add_argument("--workers", type=int, default=0, help="zstd worker threads per back-end (default 0)")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="zstd worker threads per back-end (default 0)")
     p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="only skim each stream as it arrives (framing, counts, digest), without decoding its payloads: "
@@ -434,6 +434,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
 
 
 def cmd_save(args: argparse.Namespace) -> int:

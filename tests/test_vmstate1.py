@@ -250,3 +250,33 @@ async def test_stream_mode_refuses_a_raw_blob(bus_address, client):
         with pytest.raises(StreamError):
             await load_inline(client, info, b"a raw state from an old daemon")
     assert target.state == b"previous"
+
+
+async def test_vmstate1_calls_are_numbered_transfers_with_their_real_counters(bus_address, client):
+    """A VMState1 Save or Load takes the next transfer number and is reported by
+    Check and TransferFinished like a VMState2 transfer, with its real counters."""
+    from dbus_fast import Message, MessageType
+
+    from dbus_vmstate2.names import VMSTATE2
+
+    finished: list[list] = []
+
+    def on_message(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "TransferFinished":
+            finished.append(msg.body)
+
+    client.add_message_handler(on_message)
+    await call(client, BUS_NAME, BUS_NAME, "AddMatch", "s", ["type='signal',member='TransferFinished'"], path="/org/freedesktop/DBus")
+    store = Store(b"state " * 1000)
+    async with Backend("numbered", store.save, store.load, address=bus_address, compression=Compression.NONE) as backend:
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+        assert await call(client, backend.unique_name, VMSTATE2, "Check") == [1, True, 1, 6000, len(blob)]
+        await load_inline(client, info, blob)
+        assert await call(client, backend.unique_name, VMSTATE2, "Check") == [2, True, 1, 6000, len(blob)]
+        for _ in range(100):
+            if len(finished) == 2:
+                break
+            await asyncio.sleep(0.02)
+    assert finished == [[1, "save", "", "", 1, 6000, len(blob)], [2, "load", "", "", 1, 6000, len(blob)]]
+    assert store.state == b"state " * 1000 and store.loads == 1
