@@ -45,6 +45,11 @@ def memory(pid: int) -> dict[str, int]:
 
 def run_measured(*args: str) -> tuple[int, int, str]:
     """Run the dbus-vmstate2 command; return its exit code, its own peak RSS and its stderr."""
+    # A child's ru_maxrss starts from its parent's peak RSS (the kernel records
+    # the peak of the memory it leaves at exec, which is the parent's after a
+    # vfork): reset ours first, or a test that made 2 GiB here before is
+    # counted as the helper's.
+    reset_peak(os.getpid())
     process = subprocess.Popen(
         [sys.executable, "-m", "dbus_vmstate2", *args], cwd=ROOT,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
