@@ -44,6 +44,7 @@ from .vmm import (
     status,
 )
 from .vmm.live import save_live
+from .vmm.pump import CLOSE_TIMEOUT
 from .vmm.precopy import PreCopyConfig, Status, Summary
 from .vmm.savefile import SaveFileReader, read_index, save_target, verify_streams
 
@@ -65,7 +66,7 @@ class StdoutClosed(Exception):
 _EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (KeyboardInterrupt, EXIT_INTERRUPTED),  # SIGINT or SIGTERM (see entry.py)
     (StdoutClosed, EXIT_STDOUT_CLOSED),
-    (StreamError, EXIT_CORRUPT),  # a corrupt, truncated or mismatched stream or file
+    (StreamError, EXIT_CORRUPT),  # a corrupt, truncated or mismatched saved file (a back-end's bad stream: BackendFailed)
     (VMStateError, EXIT_BACKEND_FAILED),  # a back-end refused or failed, or is missing
     (OSError, EXIT_USAGE),  # a file or bus named on the command line cannot be used
 ]
@@ -84,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbus-vmstate2",
         description="List, save, load and inspect the device state of D-Bus VMState back-ends.",
-        epilog="Exit codes: 0 ok, 1 a back-end failed or is missing, 2 usage error or unusable file or bus, "
-        "3 corrupt or mismatched stream or file, 130 interrupted, 141 standard output closed.",
+        epilog="Exit codes: 0 ok, 1 a back-end failed or is missing (or sent a stream that does not verify), "
+        "2 usage error or unusable file or bus, 3 corrupt or mismatched saved file, 130 interrupted, "
+        "141 standard output closed.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,6 +140,8 @@ def _report_failure(args: argparse.Namespace, exc: BaseException, code: int) -> 
     if isinstance(exc, KeyboardInterrupt):
         signum = entry.received() or signal.SIGINT
         message = f"interrupted ({signal.Signals(signum).name})"
+    elif isinstance(exc, StreamError):  # a damaged file or stream: name the fault (docs/stream-format.md §6.3)
+        message = f"{type(exc).__name__}: {exc}"
     else:
         message = str(exc) or type(exc).__name__
     _err(f"dbus-vmstate2 {args.command}: {message}")
@@ -383,7 +387,17 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
     _add_bus_options(p)
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd", help="default: zstd")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
-    p.add_argument("--workers", type=int, default=0, help="zstd worker threads per back-end (default 0)")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="zstd worker threads per back-end (default 0)")
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_false",
+        help="only skim each stream as it arrives (framing, counts, digest), without decoding its payloads: "
+        "exit 0 then no longer proves that the file will load",
+    )
+    p.add_argument(
+        "--close-timeout", type=_positive(float), default=CLOSE_TIMEOUT, metavar="S",
+        help=f"how long a back-end has to close its end of the pipe once its stream has ended or it reported "
+        f"its transfer finished (default {CLOSE_TIMEOUT:g})",
+    )
     live = p.add_argument_group(
         "live save",
         "--live saves iteratively: the daemons serve on while their state is sent, then the changes, round "
@@ -422,6 +436,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     save_target(args.file)  # before the bus: a refused target touches no back-end
     options = {
@@ -436,7 +460,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
     async def run(session: Session) -> list[StreamInfo]:
         async with StatusLine(lambda now: progress_line(progress, args.file, now), lambda: progress.phase):
-            return await save_to_file(session.bus, session.backends, args.file, options, progress)
+            return await save_to_file(session.bus, session.backends, args.file, options, progress,
+                                      verify=args.verify, close_timeout=args.close_timeout)  # fmt: skip
 
     infos = _on_bus(args, run, require=True)
     seconds = time.monotonic() - started
@@ -470,6 +495,7 @@ def _save_live(args: argparse.Namespace, options: dict[str, Variant]) -> int:
                     session.bus, session.backends, args.file, options, config, progress,
                     on_status=note,
                     switch_over=switch_over, resume=args.resume, max_bandwidth=args.max_bandwidth,
+                    verify=args.verify, close_timeout=args.close_timeout,
                 )
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)

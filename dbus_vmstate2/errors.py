@@ -90,7 +90,8 @@ class StreamError(VMStateError):
     """The stream or file we were given is not a valid dbus-vmstate2 stream.
 
     This is the single "remote sent garbage" error: the decoder raises this
-    (or a subclass) for any bad input, and nothing else.
+    (or a subclass) for any bad input, and nothing else.  Which subclass, and
+    so which D-Bus error name, is fixed by docs/stream-format.md §6.3.
     """
 
     dbus_name = ErrorName.FORMAT
@@ -98,6 +99,11 @@ class StreamError(VMStateError):
 
 class BadMagic(StreamError):
     """The data does not start with the expected magic bytes."""
+
+
+class Malformed(StreamError):
+    """A structure whose CRC verified (so it is what its writer wrote) breaks
+    a rule of the format: a writer's bug, not damage on the way."""
 
 
 class UnsupportedVersion(StreamError):
@@ -113,7 +119,8 @@ class Truncated(StreamError):
 
 
 class Corrupt(StreamError):
-    """A checksum, digest, count or sequence number does not match."""
+    """A checksum, digest, count, size or sequence number does not match the
+    value the reader computed: damage on the way, or lost or reordered data."""
 
     dbus_name = ErrorName.INTEGRITY
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from dbus_vmstate2.errors import BadMagic, Corrupt, IdMismatch, StreamError, StreamLimitExceeded, Truncated
+from dbus_vmstate2.errors import BadMagic, Corrupt, IdMismatch, Malformed, StreamError, StreamLimitExceeded, Truncated
 from dbus_vmstate2.stream import Compression, RecordType, decode_stream, encode_stream
 from dbus_vmstate2.stream.container import MAX_SEGMENT_SIZE, ContainerWriter, parse_index, pack_index
 from dbus_vmstate2.vmm.savefile import SaveFileReader, SaveFileWriter
@@ -92,7 +92,7 @@ def test_large_writes_are_split_into_segments():
     "bad, error",
     [
         (lambda s: s[:-1], Truncated),  # the stream never ends
-        (lambda s: s + b"x", Corrupt),  # bytes after the trailer
+        (lambda s: s + b"x", Malformed),  # bytes after the trailer
         (lambda s: b"junk" + s, BadMagic),
         (lambda s: encode_stream("someone-else", [b"x"]), IdMismatch),
     ],
@@ -120,7 +120,7 @@ def test_failure_mid_write_leaves_no_file_and_keeps_an_old_one(tmp_path):
 
 
 def test_duplicate_ids_are_refused(tmp_path):
-    with pytest.raises(Corrupt, match="duplicate"), SaveFileWriter(tmp_path / "f") as w:
+    with pytest.raises(Malformed, match="duplicate"), SaveFileWriter(tmp_path / "f") as w:
         for _ in range(2):
             n = w.open_stream()
             w.write(n, streams()["slirp"])
@@ -172,3 +172,147 @@ def test_absurd_index_sizes_are_refused(tmp_path):
         SaveFileReader(path)
     with pytest.raises(StreamError):
         parse_index(pack_index([])[:-1])
+
+
+# -- §7.3 and §7.5: what each damaged or odd file is, in words -----------------------
+
+
+def rewrite_index(path, infos, raw_index: bytes | None = None) -> None:
+    """Put a new index (and a footer that fits it) on the saved file at ``path``."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    offset, _ = struct.unpack_from("<QI", data, len(data) - 24)
+    index = raw_index if raw_index is not None else pack_index(infos)
+    footer = struct.pack("<QI", offset, len(index))
+    path.write_bytes(data[:offset] + index + footer + struct.pack("<I", zlib.crc32(footer)) + b"VM2FEND\n")
+
+
+def reindex(raw: bytes) -> bytes:
+    """``raw`` (an index without its CRC) with its CRC."""
+    import struct
+    import zlib
+
+    return raw + struct.pack("<I", zlib.crc32(raw))
+
+
+def one_stream_file(tmp_path):
+    path = tmp_path / "vm.state"
+    save(path, {"slirp": encode_stream("slirp", [b"s" * 10], Compression.NONE)}, piece=40)
+    with SaveFileReader(path) as r:
+        return path, r.streams[0]
+
+
+def test_a_file_with_no_streams_is_valid(tmp_path):
+    path = tmp_path / "none.state"
+    with SaveFileWriter(path):
+        pass
+    with SaveFileReader(path) as r:
+        assert r.streams == [] and list(r.segments()) == []
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(stream_bytes=0), "0 stream bytes for 1 records, expected at least 117"),
+    (dict(raw_bytes=(16 << 20) + 1), "raw bytes in 1 records, expected at most 16777216 each"),
+    (dict(segments=0), "0 segments for 127 bytes, expected 1..127"),
+    (dict(segments=128), "128 segments for 127 bytes"),
+])  # fmt: skip
+def test_an_entry_that_cannot_describe_a_stream_is_malformed(tmp_path, change, words):
+    import dataclasses
+
+    path, info = one_stream_file(tmp_path)
+    rewrite_index(path, [dataclasses.replace(info, **change)])
+    with pytest.raises(Malformed, match="index entry 0 \\('slirp'\\) cannot describe a stream") as raised:
+        SaveFileReader(path)
+    assert words in str(raised.value)
+
+
+def test_index_entries_with_unknown_versions_or_bad_ids_say_so_in_words(tmp_path):
+    import dataclasses
+
+    from dbus_vmstate2.errors import UnsupportedVersion
+
+    path, info = one_stream_file(tmp_path)
+    rewrite_index(path, [dataclasses.replace(info, compression=7)])
+    with pytest.raises(UnsupportedVersion, match="compression method 7, expected one of 0 \\(none\\), 1 \\(zstd\\)"):
+        SaveFileReader(path)
+    rewrite_index(path, [dataclasses.replace(info, version=2)])
+    with pytest.raises(UnsupportedVersion, match="stream format version 2, expected 1"):
+        SaveFileReader(path)
+    good = pack_index([info])[:-4]
+    bad_id = good.replace(b"slirp", b"sl\xffrp")
+    rewrite_index(path, [], reindex(bad_id))
+    with pytest.raises(Malformed, match="index entry 0's Id is not valid UTF-8: byte\\(s\\) ff at offset 2") as raised:
+        SaveFileReader(path)
+    assert "codec" not in str(raised.value)
+    rewrite_index(path, [], reindex(good + b"\0"))
+    with pytest.raises(Malformed, match="1 bytes after its 1 entries"):
+        SaveFileReader(path)
+    rewrite_index(path, [], reindex(good[:-1]))
+    with pytest.raises(Malformed, match="do not fit the index"):
+        SaveFileReader(path)
+
+
+def segment_header(tag=0x53, flags=0, reserved=0, stream=0, length=1) -> bytes:
+    import struct
+    import zlib
+
+    body = struct.pack("<BBHII", tag, flags, reserved, stream, length)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("header, error, words", [
+    (segment_header(tag=0x54), "UnsupportedVersion", "segment tag 0x54"),
+    (segment_header(flags=1), "UnsupportedVersion", "flags 0x01"),
+    (segment_header(reserved=2), "UnsupportedVersion", "reserved 0x0002"),
+    (segment_header(stream=1), "Malformed", "segment for stream 1, but the index lists 1"),
+    (segment_header(length=0), "Malformed", "segment of 0 bytes"),
+    (segment_header(length=(16 << 20) + 1), "StreamLimitExceeded", "limit 16777216"),
+])  # fmt: skip
+def test_segment_headers_follow_the_error_rules(header, error, words):
+    from dbus_vmstate2.stream.container import parse_segment_header
+
+    with pytest.raises(StreamError, match=words) as raised:
+        parse_segment_header(header, 1)
+    assert type(raised.value).__name__ == error
+
+
+def test_an_index_that_differs_from_its_stream_says_which_field_in_words(tmp_path):
+    import dataclasses
+
+    from dbus_vmstate2.vmm.savefile import verify_streams
+
+    path, info = one_stream_file(tmp_path)
+    rewrite_index(path, [dataclasses.replace(info, level=3, records=2, raw_bytes=11, stream_bytes=info.stream_bytes + 28)])
+    with SaveFileReader(path) as r:
+        with pytest.raises(Corrupt, match="127 bytes in 5 segments, the index says 155 in 5"):
+            verify_streams(r)
+    rewrite_index(path, [dataclasses.replace(info, level=3, compression=Compression.ZSTD, digest=bytes(32))])
+    with SaveFileReader(path) as r:
+        [error] = verify_streams(r)
+    assert error.startswith("Corrupt: the index entry does not match the stream: ")
+    assert "compression: the index says zstd, the stream has none" in error
+    assert "level: the index says 3, the stream has 0" in error
+    assert "digest: the index says 0000" in error
+    assert "<" not in error and "Compression." not in error
+
+
+def test_the_footer_rules(tmp_path):
+    import struct
+    import zlib
+
+    path, info = one_stream_file(tmp_path)
+    good = path.read_bytes()
+
+    def with_footer(offset: int, length: int) -> None:
+        footer = struct.pack("<QI", offset, length)
+        path.write_bytes(good[:-24] + footer + struct.pack("<I", zlib.crc32(footer)) + b"VM2FEND\n")
+
+    offset, length = struct.unpack_from("<QI", good, len(good) - 24)
+    with_footer(offset + 1, length)
+    with pytest.raises(Corrupt, match="footer starts at"):
+        SaveFileReader(path)
+    with_footer(8, len(good) - 24 - 8)
+    with pytest.raises(Malformed, match="expected it at 16 or later"):
+        SaveFileReader(path)

@@ -79,3 +79,79 @@ def test_python_dash_m(saved):
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "error"})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["verified"] is True
+
+
+def test_an_index_entry_of_no_stream_bytes_is_a_named_error_not_a_crash(saved, capsys):
+    """Issue 11, defect 1: stream_bytes 0 with raw_bytes > 0 was a ZeroDivisionError (exit 1)."""
+    import dataclasses
+
+    from dbus_vmstate2.vmm.savefile import SaveFileReader
+
+    from .test_container import rewrite_index
+
+    with SaveFileReader(saved) as r:
+        infos = r.streams
+    rewrite_index(saved, [dataclasses.replace(infos[0], stream_bytes=0), infos[1]])
+    assert main(["inspect", str(saved)]) == EXIT_CORRUPT
+    err = capsys.readouterr().err
+    assert err.startswith("dbus-vmstate2 inspect: Malformed: index entry 0 ('virtiofsd-0') cannot describe a stream")
+    assert "Traceback" not in err
+    assert main(["inspect", "--json", str(saved)]) == EXIT_CORRUPT
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["error"]["type"] == "Malformed" and doc["error"]["dbus_name"] == "org.qemu.VMState2.Error.Format"
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: d[:-1], "Truncated: no footer: expected the end magic 564d3246454e440a in the last 8 bytes, found "),
+    (lambda d: b"GIF89a" + d[6:], "BadMagic: not a dbus-vmstate2 saved file: expected magic 89564d32460d0a1a"),
+    (lambda d: d[:12] + bytes([d[12] ^ 1]) + d[13:], "Corrupt: file header CRC"),
+])  # fmt: skip
+def test_a_damaged_file_names_the_error_class_and_says_what_was_expected(saved, capsys, damage, words):
+    saved.write_bytes(damage(saved.read_bytes()))
+    assert main(["inspect", str(saved)]) == EXIT_CORRUPT
+    err = capsys.readouterr().err
+    assert err.startswith(f"dbus-vmstate2 inspect: {words}"), err
+
+
+FUZZ_EXAMPLES = int(os.environ.get("VMSTATE2_FUZZ_EXAMPLES", "300"))
+
+
+def test_fuzz_inspect_exits_0_or_3_and_never_crashes(tmp_path_factory):
+    """Any bytes, however damaged: a table and 0, or a named error and 3; never a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dbus_vmstate2.vmm.savefile import SaveFileWriter
+
+    base = tmp_path_factory.mktemp("fuzz")
+    good = base / "good.vmstate"
+    with SaveFileWriter(good) as w:
+        for backend_id, compression in (("a", Compression.ZSTD), ("b", Compression.NONE)):
+            n = w.open_stream(backend_id)
+            data = encode_stream(backend_id, [STATE[:300], STATE[300:500]], compression)
+            w.write(n, data[:60])
+            w.write(n, data[60:])
+            w.close_stream(n)
+    seed = good.read_bytes()
+    target = base / "fuzzed.vmstate"
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        edits=st.lists(st.tuples(st.integers(0, len(seed)), st.sampled_from("xdi"), st.binary(min_size=1, max_size=8)),
+                       min_size=1, max_size=4),  # fmt: skip
+        as_json=st.booleans(),
+    )
+    def run(edits, as_json):
+        data = bytearray(seed)
+        for pos, op, blob in edits:
+            pos %= len(data) + 1
+            if op == "x":
+                data[pos : pos + len(blob)] = bytes(a ^ b for a, b in zip(data[pos : pos + len(blob)], blob))
+            elif op == "d":
+                del data[pos : pos + len(blob)]
+            else:
+                data[pos:pos] = blob
+        target.write_bytes(bytes(data))
+        assert main(["inspect", *(["--json"] if as_json else []), str(target)]) in (EXIT_OK, EXIT_CORRUPT)
+
+    run()

@@ -245,3 +245,29 @@ async def test_a_killed_destination_leaves_the_source_serving(tmp_path, two_buse
     finally:
         source.stop()
         dest.stop()
+
+
+async def test_a_daemon_without_iterative_support_loads_data_records_only(client, memstate, tmp_path):
+    """docs/stream-format.md §3.2: pre-copy false takes DATA records only; an
+    END_OF_INITIAL or DIRTY record fails the Load with Unsupported, and the
+    daemon applies nothing."""
+    from dbus_vmstate2.stream import Compression, RecordType, encode_stream
+
+    loaded = tmp_path / "loaded"
+    memstate("plain", "--one-shot-only", "--save-loaded", str(loaded))
+    [b] = await list_backends(client)
+    iterative = encode_stream("plain", [b"data", (RecordType.END_OF_INITIAL, b""), (RecordType.DIRTY, b"more")],
+                              Compression.NONE)  # fmt: skip
+    for data, ok in ((iterative, False), (encode_stream("plain", [b"da", b"ta"], Compression.NONE), True)):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(client, b, "Load", r)
+        await asyncio.to_thread(os.write, w, data)
+        os.close(w)
+        if ok:
+            await outcome(client, b, number)
+            assert loaded.read_bytes() == b"data"
+        else:
+            with pytest.raises(Unsupported, match="END_OF_INITIAL record"):
+                await outcome(client, b, number)
+            assert not loaded.exists()
+        assert await state(client, b) == "running"

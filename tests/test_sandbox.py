@@ -157,7 +157,7 @@ async def test_a_save_with_zstd_workers_in_the_sandbox(client, memstate):
     threads = filtered_threads(process.process.pid)
     async with dies_loudly(process.process):
         [backend] = await list_backends(client)
-        data = await save_bytes(client, backend, {"workers": Variant("i", 4), "level": Variant("i", 3)})
+        data = await save_bytes(client, backend, {"workers": Variant("u", 4), "level": Variant("i", 3)})
         assert stream_state(data, "workers") == deterministic_state(8 << 20, 3)
         assert filtered_threads(process.process.pid) == threads  # libzstd's have ended
     code = process.stop()

@@ -139,3 +139,64 @@ def test_guards_are_in_the_table():
 def test_docs_are_generated_from_the_table():
     docs = Path(__file__).resolve().parent.parent / "docs" / "states.md"
     assert docs.read_text() == markdown_table(), "run: python -m dbus_vmstate2.states > docs/states.md"
+
+
+# -- The XML and the README say what the table does (issue 11, Busy versus InvalidState) --
+
+ROOT = Path(__file__).resolve().parent.parent
+TRANSFERS = (Event.SAVE, Event.PRE_COPY, Event.LOAD)
+
+
+def _states_in(phrase: str) -> set[State]:
+    import re
+
+    return {State(s) for s in re.findall(r"``?([a-z-]+)``?", phrase) if s in set(State)}
+
+
+def _xml_docs() -> dict[str, str]:
+    """Each member's doc comment in interfaces/org.qemu.VMState2.xml, and the interface's as ''."""
+    import re
+
+    text = (ROOT / "interfaces" / "org.qemu.VMState2.xml").read_text()
+    docs = {}
+    for comment in re.findall(r"<!--(.*?)-->", text, re.S):
+        name = comment.strip().split(":", 1)[0]
+        docs["" if name == "org.qemu.VMState2" else name] = " ".join(comment.split())
+    return docs
+
+
+def allowed(event: Event) -> set[State]:
+    return {s for s in State if (arc := TRANSITIONS[s].get(event)) is not None and arc.target is not None}
+
+
+def busy(event: Event) -> set[State]:
+    return {s for s in State if (arc := TRANSITIONS[s].get(event)) is not None and arc.refusal is Busy}
+
+
+def test_the_xml_says_where_each_request_is_allowed_as_the_table_does():
+    import re
+
+    docs = _xml_docs()
+    for event in REQUESTS:
+        [phrase] = re.findall(r"Allowed in (.*?)(?:[;.]|$)", docs[str(event)])
+        said = set(State) if "every state" in phrase else _states_in(phrase.split("(")[0])
+        assert said == allowed(event), event
+
+
+def test_the_xml_and_the_readme_say_where_busy_and_invalid_state_come_from_as_the_table_does():
+    import re
+
+    interface = _xml_docs()[""]
+    [busy_phrase] = re.findall(r"while one runs, in (.*?), fails with ``org\.qemu\.VMState2\.Error\.Busy``", interface)
+    [invalid_phrase] = re.findall(r"\(a transfer requested in (.*?) included\)", interface)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    [readme_phrase] = re.findall(r"`Busy` answers a Save, SavePreCopy or Load while a transfer runs \(in (.*?)\)", readme)
+    for event in TRANSFERS:
+        assert _states_in(busy_phrase) == _states_in(readme_phrase) == busy(event), event
+        refused = set(State) - allowed(event) - busy(event)
+        assert _states_in(invalid_phrase) == refused, event
+        for state in refused:  # no arc at all: InvalidState
+            assert event not in TRANSITIONS[state]
+    assert all(arc.refusal in (None, Busy) for arcs in TRANSITIONS.values() for arc in arcs.values())
+    states_md = (ROOT / "docs" / "states.md").read_text()
+    assert "**Busy**" in states_md and "`org.qemu.VMState2.Error.Busy`" in states_md

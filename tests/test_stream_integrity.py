@@ -23,6 +23,7 @@ from dbus_vmstate2.errors import (
     BadMagic,
     Corrupt,
     IdMismatch,
+    Malformed,
     StreamError,
     StreamLimitExceeded,
     Truncated,
@@ -52,6 +53,36 @@ VECTOR_ZSTD = bytes.fromhex(
     "000000004c000000000000006b45e90cf936739abe7cd00a28caeb711f6313ca"
     "9d9ba4b47f8ee2583285f3bf"
 )
+VECTOR_ZSTD_ITERATIVE = bytes.fromhex(
+    "89564d53320d0a1a0100000001010300766d306ae939e8010000001700000000"
+    "0000000000000019000000f6b930faa4293eab28b52ffd24176500003068656c"
+    "6c6f200100994b11175eae0d0300000000000000010000000000000000000000"
+    "0000000099f2b755020000001800000002000000000000001a000000c06d6e11"
+    "96a3b0ca28b52ffd24186d000038776f726c6420210100994b11ac70a4f4ff00"
+    "00000000000003000000000000002f000000000000009e000000000000008a82"
+    "60c3c3b88395c05c5c0e5e305b91bfe85a47f9482cc82263a99fa20224e3"
+)
+VECTOR_FILE = bytes.fromhex(
+    "89564d32460d0a1a01000000b78161c0530000000000000064000000c72e7484"
+    "89564d53320d0a1a0100000000000300766d307b311285010000000500000000"
+    "000000000000000500000086a61036813e31d168656c6c6f0300000000000000"
+    "0100000000000000000000000000000099f2b755020000000600000002000000"
+    "00000000530000000100000032000000277eb8a689564d53320d0a1a01000000"
+    "00000300766d31ed0115f2ff0000000000000000000000000000000000000000"
+    "000000170000530000000000000052000000ba89345106000000e8988471642b"
+    "3027776f726c6421ff0000000000000003000000000000000b00000000000000"
+    "7600000000000000395352297bd2414c4e2741286bdc96238a95e5f3c30830f2"
+    "bfbbfefb5839f68f5300000001000000250000000111766b00000000009aeff2"
+    "35c302b9c94f10582820ae372d5b47a32b82c04a98f838e10d8fd597ab490000"
+    "000200000003766d300100000003000000000000000b00000000000000b60000"
+    "00000000000200000000000000395352297bd2414c4e2741286bdc96238a95e5"
+    "f3c30830f2bfbbfefb5839f68f03766d31010000000000000000000000000000"
+    "0000000000570000000000000002000000000000009aeff235c302b9c94f1058"
+    "2820ae372d5b47a32b82c04a98f838e10d8fd597abb071c3335d010000000000"
+    "009c000000511c19ef564d3246454e440a"
+)
+"""§8's saved file: stream 0 is VECTOR_NONE, stream 1 an empty stream of Id vm1, cut at
+100 and 50 bytes and interleaved: vm0[:100], vm1[:50], vm0[100:], vm1[50:]."""
 NONE_RECORDS = [(RecordType.DATA, b"hello"), (RecordType.END_OF_INITIAL, b""), (RecordType.DIRTY, b"world!")]
 
 
@@ -71,6 +102,48 @@ def test_vectors_decode():
     got = decode_stream(VECTOR_ZSTD, "vm0")
     assert got.header.compression is Compression.ZSTD and got.header.level == 1
     assert bytes(got.records[0].payload) == b"hello hello hello hello"
+
+
+def test_the_iterative_zstd_vector_decodes_and_skims():
+    got = decode_stream(VECTOR_ZSTD_ITERATIVE, "vm0")
+    assert [(r.type, bytes(r.payload), r.wire_size) for r in got.records] == [
+        (RecordType.DATA, b"hello hello hello hello", 25),
+        (RecordType.END_OF_INITIAL, b"", 0),
+        (RecordType.DIRTY, b"world world world world!", 26),
+    ]
+    assert (got.end.records, got.end.raw_bytes, got.end.wire_bytes) == (3, 47, len(VECTOR_ZSTD_ITERATIVE))
+    skim = StreamDecoder("vm0", payloads=False)
+    skim.feed(VECTOR_ZSTD_ITERATIVE)
+    skim.feed_eof()
+    events = []
+    while (event := skim.next_event()) is not NEED_DATA:
+        events.append(event)
+    assert events[-1] == got.end
+
+
+def test_the_saved_file_vector_is_written_exactly_and_reads_back(tmp_path):
+    from dbus_vmstate2.stream.container import ContainerWriter
+    from dbus_vmstate2.vmm.savefile import SaveFileReader, verify_streams
+
+    empty_vm1 = encode_stream("vm1", [], Compression.NONE)
+    writer = ContainerWriter()
+    chunks = writer.start()
+    vm0, vm1 = writer.open_stream("vm0"), writer.open_stream("vm1")
+    for stream, data in ((vm0, VECTOR_NONE[:100]), (vm1, empty_vm1[:50]), (vm0, VECTOR_NONE[100:]), (vm1, empty_vm1[50:])):
+        chunks += writer.write(stream, data)
+    writer.close_stream(vm0)
+    writer.close_stream(vm1)
+    chunks += writer.finish()
+    assert b"".join(bytes(c) for c in chunks) == VECTOR_FILE
+    path = tmp_path / "vector.vmstate"
+    path.write_bytes(VECTOR_FILE)
+    with SaveFileReader(path) as reader:
+        assert [(i.backend_id, i.records, i.raw_bytes, i.stream_bytes, i.segments) for i in reader.streams] == [
+            ("vm0", 3, 11, 182, 2), ("vm1", 0, 0, 87, 2)
+        ]
+        assert [(n, len(data)) for n, data in reader.segments()] == [(0, 100), (1, 50), (0, 82), (1, 37)]
+        assert b"".join(reader.stream_chunks(0)) == VECTOR_NONE and b"".join(reader.stream_chunks(1)) == empty_vm1
+        assert verify_streams(reader) == [None, None]
 
 
 SAMPLES = {
@@ -189,13 +262,13 @@ def test_absurd_lengths_are_refused_before_the_payload():
     dec = StreamDecoder()
     dec.feed(head + pack_record(RecordType.DATA, 0, 10, 1 << 31, 0))  # wire != raw uncompressed
     dec.next_event()
-    with pytest.raises(Corrupt):
+    with pytest.raises(Malformed):
         dec.next_event()
     zhead = pack_header("vm0", Compression.ZSTD, 1)
     dec = StreamDecoder()
     dec.feed(zhead + pack_record(RecordType.DATA, 0, 10, 0xFFFFFFFF, 0))  # frame larger than any zstd bound
     dec.next_event()
-    with pytest.raises(Corrupt, match="zstd frame of 4294967295 bytes"):
+    with pytest.raises(Malformed, match="zstd frame of 4294967295 bytes"):
         dec.next_event()
     huge_id = bytearray(head[:16])
     huge_id[14:16] = b"\xff\xff"
@@ -215,12 +288,12 @@ def test_bomb_frames_are_refused():
     for raw_len in (1000, (1 << 20) - 1):
         with pytest.raises(Corrupt, match=f"expected {raw_len}"):
             decode_stream(forge([(1, raw_len, frame, zstd_check(frame))]))
-    with pytest.raises(Corrupt, match="content checksum"):
+    with pytest.raises(Malformed, match="content checksum"):
         decode_stream(forge([(1, 1 << 20, zeros, zstd_check(zeros))]))  # no checksum flag
     wide = zstd.ZstdCompressor(options={zstd.CompressionParameter.checksum_flag: 1,
                                         zstd.CompressionParameter.window_log: 25})  # fmt: skip
     frame = wide.compress(b"x" * 1000) + wide.flush()  # streamed: the header declares a 32 MiB window
-    with pytest.raises(Corrupt, match="zstd"):
+    with pytest.raises(StreamLimitExceeded, match="window of 33554432 bytes, limit 16777216"):
         decode_stream(forge([(1, 1000, frame, zstd_check(frame))]))
     ok = plain.compress(b"x" * 1000, mode=plain.FLUSH_FRAME)
     two = ok + ok
@@ -317,8 +390,9 @@ def test_fuzz_decodes_or_raises_stream_error(seed, edits, cut, payloads, expecte
         dec.feed_eof()
         while dec.next_event() is not NEED_DATA:
             pass
-    except StreamError:
-        pass
+    except StreamError as exc:
+        message = str(exc)
+        assert "codec" not in message and "Compression." not in message and "RecordType." not in message
 
 
 def test_the_spec_shows_the_same_vectors():
@@ -326,7 +400,7 @@ def test_the_spec_shows_the_same_vectors():
         flat = "".join(f.read().split())
     for label in ("header", "record0", "record1", "record2", "payload", "trailer", "digest"):
         flat = flat.replace(label, "")
-    for vector in (VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD):
+    for vector in (VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD, VECTOR_ZSTD_ITERATIVE, VECTOR_FILE):
         assert vector.hex() in flat
 
 
@@ -356,3 +430,125 @@ def test_a_stream_fed_a_byte_at_a_time_costs_no_more_memory_than_its_record():
     decoder.feed_eof()
     assert got == [len(record)]
     assert peak < 3 * len(record), f"peak {peak >> 10} KiB for a {len(record) >> 10} KiB record"
+
+
+# -- The order of checks and the error classes (docs/stream-format.md §2, §5, §6.3, §10) --
+
+
+def three_ways(data: bytes, payloads: bool = True) -> list[type[StreamError] | None]:
+    """The error (or None) from ``data`` fed whole, a byte at a time, and whole with EOF late."""
+    found = []
+    for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
+        dec = StreamDecoder(payloads=payloads)
+        try:
+            for piece in pieces:
+                dec.feed(piece)
+                while dec.next_event() is not NEED_DATA:
+                    pass
+            dec.feed_eof()
+            while dec.next_event() is not NEED_DATA:
+                pass
+            found.append(None)
+        except StreamError as exc:
+            found.append(type(exc))
+    return found
+
+
+@pytest.mark.parametrize("payloads", [True, False])
+def test_a_version_field_that_has_arrived_is_judged_before_truncation(payloads):
+    v2 = bytearray(VECTOR_NONE)
+    v2[8] = 2
+    for n in range(10, 24):  # from the version field on, with or without the rest of the header
+        assert three_ways(bytes(v2[:n]), payloads) == [UnsupportedVersion, UnsupportedVersion], n
+    assert three_ways(bytes(v2[:9]), payloads) == [Truncated, Truncated]
+    assert three_ways(VECTOR_NONE[:10], payloads) == [Truncated, Truncated]  # version 1: waits for the rest
+
+
+@pytest.mark.parametrize("payloads", [True, False])
+def test_trailer_flags_are_judged_before_bytes_after_the_trailer(payloads):
+    body = forge([(1, 5, b"hello", zlib_crc(b"hello"))], compression=Compression.NONE)
+    flagged = bytearray(body)
+    flagged[-64 + 1] = 1  # the trailer's flags; the digest covers them, so forge it again
+    head_and_record = bytes(flagged[:-64])
+    fields = bytes(flagged[-64:-32])
+    digest = hashlib.sha256(head_and_record[:23] + head_and_record[23:51] + fields).digest()
+    flagged = head_and_record + fields + digest
+    assert three_ways(flagged, payloads) == [UnsupportedVersion, UnsupportedVersion]
+    assert three_ways(flagged + b"x", payloads) == [UnsupportedVersion, UnsupportedVersion]
+    assert three_ways(body + b"x", payloads) == [Malformed, Malformed]
+
+
+def header_with_id(raw_id: bytes, compression: Compression = Compression.NONE, level: int = 0) -> bytes:
+    body = pack_header("x", compression, level)[:14]
+    body = body + struct.pack("<H", len(raw_id)) + raw_id
+    return body + struct.pack("<I", zlib_crc(body))
+
+
+def stream_with_header(head: bytes) -> bytes:
+    fields = pack_trailer_fields(0, 0, len(head))
+    return head + fields + hashlib.sha256(head + fields).digest()
+
+
+@pytest.mark.parametrize("raw_id, words", [
+    (b"vm,0", "contains a comma"),
+    (b"vm\x000", "contains a NUL byte"),
+    (b"vm\xff0", "is not valid UTF-8: byte(s) ff at offset 2 of 4"),
+])  # fmt: skip
+def test_an_id_no_backend_could_have_is_malformed_in_words(raw_id, words):
+    with pytest.raises(Malformed) as raised:
+        decode_stream(stream_with_header(header_with_id(raw_id)))
+    assert words in str(raised.value) and "codec" not in str(raised.value)
+    with pytest.raises(ValueError, match="comma or NUL"):
+        encode_stream("vm,0", [])  # and the encoder never writes one
+
+
+def test_the_level_is_informational_whatever_its_value():
+    for compression, level in ((Compression.ZSTD, 127), (Compression.ZSTD, -128), (Compression.NONE, 9), (Compression.NONE, -1)):
+        got = decode_stream(stream_with_header(header_with_id(b"vm0", compression, level)), "vm0")
+        assert (got.header.compression, got.header.level, got.end.records) == (compression, level, 0)
+
+
+def test_the_spec_table_of_errors_is_the_code():
+    from dbus_vmstate2 import errors
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "stream-format.md")) as f:
+        text = f.read()
+    section = text[text.index("### 6.3 Errors") : text.index("### 6.4")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("**"):
+            rows[cells[0].strip("*")] = cells[1].strip("`")
+    stream_errors = {name: cls for name, cls in vars(errors).items()
+                     if isinstance(cls, type) and issubclass(cls, StreamError) and cls is not StreamError}  # fmt: skip
+    assert set(rows) == set(stream_errors)
+    for name, suffix in rows.items():
+        assert stream_errors[name].dbus_name == errors.ERROR_PREFIX + suffix, name
+
+
+def test_a_window_over_the_limit_is_refused_from_the_frame_header_before_decoding():
+    from dbus_vmstate2.stream._format import zstd_frame_header
+    from dbus_vmstate2.stream._zstd import zstd
+
+    for window_log, single in ((24, False), (25, False)):
+        c = zstd.ZstdCompressor(options={zstd.CompressionParameter.checksum_flag: 1,
+                                         zstd.CompressionParameter.window_log: window_log})  # fmt: skip
+        frame = c.compress(b"y" * 3000) + c.flush()  # streamed, size unknown: the window is declared
+        assert zstd_frame_header(frame, 0) == 1 << window_log
+        decode = lambda f=frame: decode_stream(forge([(1, 3000, f, zstd_check(f))]))  # noqa: E731
+        if window_log <= 24:
+            assert bytes(decode().records[0].payload) == b"y" * 3000
+        else:
+            with pytest.raises(StreamLimitExceeded, match=f"window of {1 << window_log} bytes"):
+                decode()
+    # A single-segment frame needs a window of its content size: a header that
+    # declares 32 MiB of content is refused before anything is decompressed.
+    c = zstd.ZstdCompressor(options={zstd.CompressionParameter.checksum_flag: 1})
+    c.set_pledged_input_size(1000)
+    frame = c.compress(b"z" * 1000, mode=c.FLUSH_FRAME)
+    assert frame[4] & 0x20 and frame[4] >> 6 == 1  # single segment, a 2-byte content size (+256)
+    assert zstd_frame_header(frame, 0) == 1000
+    big = frame[:4] + bytes([frame[4] | 0xC0]) + struct.pack("<Q", 32 << 20) + frame[7:]  # an 8-byte size
+    assert zstd_frame_header(big, 0) == 32 << 20
+    with pytest.raises(StreamLimitExceeded, match="window of 33554432 bytes"):
+        decode_stream(forge([(1, 1000, big, zstd_check(big))]))

@@ -18,7 +18,7 @@ from dbus_vmstate2.vmm import list_backends
 from dbus_vmstate2.vmm.calls import BUS_NAME, call
 from dbus_vmstate2.vmm.vmstate1 import load_inline, save_inline
 
-from .introspection import members_from_busctl, members_from_xml
+from .introspection import described_from_busctl, described_from_xml, members_from_busctl, members_from_xml
 
 
 class Store:
@@ -169,8 +169,26 @@ def test_threaded_start_fails_clearly_without_a_bus(tmp_path):
 async def test_busctl_introspection_matches_the_xml(bus_address):
     async with Backend("introspected", Store().save, Store().load, address=bus_address) as backend:
         live = await asyncio.to_thread(members_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE1)
+        served = await asyncio.to_thread(described_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE1)
     assert live == members_from_xml(VMSTATE1)
     assert (".Save", "method", "-", "ay") in live
+    # Everything the XML says, argument names and directions included.
+    assert served == described_from_xml(VMSTATE1)
+    assert ("method", "Save", (("name", "Save"),), (("arg", "data", (("direction", "out"), ("name", "data"), ("type", "ay")), ()),)) in served
+
+
+VMSTATE1_XML_SHA256 = "02411ff5bf893060ab9fe81e0b95db1f40b96f1626f58f894bb7e498f7f7223c"
+"""SHA-256 of QEMU's backends/dbus-vmstate1.xml (1484 bytes, unchanged since it was added)."""
+
+
+def test_the_vmstate1_xml_is_qemus_byte_for_byte():
+    """interfaces/org.qemu.VMState1.xml is QEMU's backends/dbus-vmstate1.xml (since QEMU 5.0): never edit it."""
+    import hashlib
+
+    from .introspection import INTERFACES
+
+    data = (INTERFACES / "org.qemu.VMState1.xml").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == VMSTATE1_XML_SHA256
 
 
 @pytest.mark.parametrize("bad", ["", "a,b", "x" * 256, "nul\0"])
@@ -232,3 +250,33 @@ async def test_stream_mode_refuses_a_raw_blob(bus_address, client):
         with pytest.raises(StreamError):
             await load_inline(client, info, b"a raw state from an old daemon")
     assert target.state == b"previous"
+
+
+async def test_vmstate1_calls_are_numbered_transfers_with_their_real_counters(bus_address, client):
+    """A VMState1 Save or Load takes the next transfer number and is reported by
+    Check and TransferFinished like a VMState2 transfer, with its real counters."""
+    from dbus_fast import Message, MessageType
+
+    from dbus_vmstate2.names import VMSTATE2
+
+    finished: list[list] = []
+
+    def on_message(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "TransferFinished":
+            finished.append(msg.body)
+
+    client.add_message_handler(on_message)
+    await call(client, BUS_NAME, BUS_NAME, "AddMatch", "s", ["type='signal',member='TransferFinished'"], path="/org/freedesktop/DBus")
+    store = Store(b"state " * 1000)
+    async with Backend("numbered", store.save, store.load, address=bus_address, compression=Compression.NONE) as backend:
+        [info] = await list_backends(client)
+        blob = await save_inline(client, info)
+        assert await call(client, backend.unique_name, VMSTATE2, "Check") == [1, True, 1, 6000, len(blob)]
+        await load_inline(client, info, blob)
+        assert await call(client, backend.unique_name, VMSTATE2, "Check") == [2, True, 1, 6000, len(blob)]
+        for _ in range(100):
+            if len(finished) == 2:
+                break
+            await asyncio.sleep(0.02)
+    assert finished == [[1, "save", "", "", 1, 6000, len(blob)], [2, "load", "", "", 1, 6000, len(blob)]]
+    assert store.state == b"state " * 1000 and store.loads == 1

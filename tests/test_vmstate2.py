@@ -17,7 +17,7 @@ from dbus_vmstate2.vmm import connect, list_backends
 from dbus_vmstate2.vmm.calls import PROPERTIES, call
 
 from .conftest import count_fds
-from .introspection import members_from_busctl, members_from_xml
+from .introspection import busctl_table, described_from_busctl, described_from_xml, members_from_busctl, members_from_xml
 
 
 async def start(client, backend, member, fd, options=None):
@@ -95,6 +95,12 @@ async def test_busctl_introspection_and_state_property(bus_address, memstate):
     backend = memstate("intro", "--size", "1K")
     live = await asyncio.to_thread(members_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
     assert live == members_from_xml(VMSTATE2)
+    # Everything the XML says: argument names, directions and order, annotations.
+    served = await asyncio.to_thread(described_from_busctl, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
+    assert served == described_from_xml(VMSTATE2)
+    flags = {f[0]: f[4:] for f in await asyncio.to_thread(busctl_table, bus_address, backend.unique_name, OBJECT_PATH, VMSTATE2)
+             if f[1] == "property"}  # fmt: skip
+    assert "const" in flags[".Id"] and "const" in flags[".Capabilities"] and "emits-change" in flags[".State"]
     out = subprocess.run(
         ["busctl", f"--address={bus_address}", "get-property", backend.unique_name, OBJECT_PATH, VMSTATE2, "State"],
         check=True, capture_output=True, text=True, timeout=30,
@@ -340,3 +346,117 @@ async def test_a_peer_that_neither_reads_nor_writes_ends_the_transfer_within_the
     os.close(mine)
     data = await save_bytes(client, backend)
     assert stream_state(data, "stuck") == deterministic_state(16 << 20, 2)
+
+
+async def test_after_a_cancelled_save_the_counters_are_what_reached_the_fd(client, memstate):
+    """TransferFinished counts the stream bytes written into the fd, no more, and
+    only the records written whole (they used to count a record as soon as it
+    was queued, and not the part of a record a cancel cut short)."""
+    from dbus_vmstate2.stream import NEED_DATA, Record, StreamDecoder
+
+    memstate("counted", "--size", "16M", "--seed", "2")
+    [backend] = await list_backends(client)
+    finished: list[list] = []
+
+    def on_message(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "TransferFinished":
+            finished.append(msg.body)
+
+    client.add_message_handler(on_message)
+    await call(client, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [f"type='signal',sender='{backend.unique_name}'"], path="/org/freedesktop/DBus")
+    for compression in ("none", "zstd"):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(client, backend, "Save", w, {"compression": Variant("s", compression)})
+        first = os.read(r, 1500)  # a record and a half in the pipe, then nobody reads
+        await asyncio.sleep(0.3)
+        await call(client, backend.unique_name, VMSTATE2, "Cancel")
+        with pytest.raises(Cancelled):  # Check gives a failed transfer's error, not its counters
+            await wait_finished(client, backend, number)
+        received = first + await asyncio.to_thread(read_all, r)
+        decoder, whole = StreamDecoder("counted", payloads=False), 0
+        decoder.feed(received)
+        while (event := decoder.next_event()) is not NEED_DATA:
+            whole += isinstance(event, Record)
+        for _ in range(100):
+            if finished and finished[-1][0] == number:
+                break
+            await asyncio.sleep(0.02)
+        transfer, operation, error_name, _, records, raw_bytes, stream_bytes = finished[-1]
+        assert (transfer, operation, error_name) == (number, "save", ErrorName.CANCELLED)
+        assert stream_bytes == len(received) and records == whole and raw_bytes == whole << 20, compression
+
+
+@pytest.mark.parametrize("member, end", [("Save", "read"), ("SavePreCopy", "read"), ("Load", "write")])
+async def test_an_fd_open_the_wrong_way_is_refused_at_once(client, memstate, member, end):
+    """Save handed the read end of a pipe (or Load the write end) fails at once
+    with InvalidArgs, starts nothing, and keeps nothing open."""
+    process = memstate("direction", "--size", "1K")
+    [backend] = await list_backends(client)
+    await save_bytes(client, backend)  # warm up
+    before = count_fds(process.process.pid)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = (w, r) if end == "read" else (r, w)
+    reply = await client.call(Message(
+        destination=backend.unique_name, path=OBJECT_PATH, interface=VMSTATE2, member=member,
+        signature="ha{sv}", body=[0, {}], unix_fds=[theirs],
+    ))  # fmt: skip
+    os.close(theirs)
+    assert reply.message_type is MessageType.ERROR
+    assert reply.error_name == "org.freedesktop.DBus.Error.InvalidArgs"
+    wanted = "reading" if member == "Load" else "writing"
+    assert f"open for {wanted}" in reply.body[0] and f"the {end} end of a pipe" in reply.body[0]
+    assert await get_state(client, backend) == "running"
+    latest, finished, *_ = await check(client, backend)
+    assert (latest, finished) == (1, True)  # the warm-up: nothing new started
+    os.close(ours)
+    await asyncio.sleep(0.1)
+    assert count_fds(process.process.pid) == before
+
+
+async def test_check_after_reset_still_reports_the_failed_load(bus_address, client):
+    """Reset changes the state, not the record of the latest transfer."""
+    from dbus_vmstate2.backend import Backend
+
+    def broken_load(records):
+        for _ in records:
+            pass
+        raise RuntimeError("disk full")
+
+    async with Backend("reset-check", lambda: b"x" * 1000, broken_load, address=bus_address):
+        [backend] = await list_backends(client)
+        number = await load_bytes(client, backend, await save_bytes(client, backend))
+        with pytest.raises(BackendFailed):
+            await wait_finished(client, backend, number)
+        assert await get_state(client, backend) == "error"
+        await call(client, backend.unique_name, VMSTATE2, "Reset")
+        assert await get_state(client, backend) == "running"
+        with pytest.raises(BackendFailed, match="RuntimeError"):
+            await check(client, backend)
+
+
+@pytest.mark.parametrize("options, refused", [
+    ({"level": Variant("x", 3)}, "level must be of D-Bus type 'i', got 'x'"),
+    ({"level": Variant("u", 3)}, "level must be of D-Bus type 'i', got 'u'"),
+    ({"workers": Variant("i", 1)}, "workers must be of D-Bus type 'u', got 'i'"),
+    ({"compression": Variant("u", 0)}, "compression must be of D-Bus type 's', got 'u'"),
+    ({"level": Variant("i", 23)}, "level must be -128..22, got 23"),
+    ({"level": Variant("i", -129), "compression": Variant("s", "none")}, "level must be -128..22, got -129"),
+    ({"workers": Variant("u", 257)}, "workers must be 0..256, got 257"),
+    ({"compression": Variant("s", "lz4")}, "unknown compression 'lz4'"),
+])  # fmt: skip
+async def test_save_options_have_one_type_and_a_range(client, memstate, options, refused):
+    memstate("options", "--size", "1K")
+    [backend] = await list_backends(client)
+    with pytest.raises(Unsupported, match=refused):
+        await start(client, backend, "Save", lone_end(write=True), options)
+    with pytest.raises(InvalidState):
+        await check(client, backend)  # nothing started
+
+
+async def test_level_with_no_compression_is_accepted_and_ignored(client, memstate):
+    memstate("plain", "--size", "64K", "--seed", "3")
+    [backend] = await list_backends(client)
+    data = await save_bytes(client, backend, {"compression": Variant("s", "none"), "level": Variant("i", 19),
+                                              "workers": Variant("u", 2)})  # fmt: skip
+    decoded = decode_stream(data, "plain")
+    assert (decoded.header.compression.name, decoded.header.level) == ("NONE", 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+from collections.abc import Callable
 
 from ..errors import Cancelled, Stalled, VMStateError
 from ..fds import enlarge_pipe
@@ -60,8 +61,13 @@ class Channel:
         except OSError:  # already closed, or the wake pipe is full: either way woken
             pass
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview, written: Callable[[int], None] | None = None) -> None:
         """Write all of ``data``.
+
+        Args:
+            written: called with the size of each write as it returns, so
+                that a caller counts what reached the fd even when a cancel
+                cuts ``data`` short.
 
         Raises:
             Cancelled: :meth:`cancel` was called.
@@ -71,7 +77,7 @@ class Channel:
         while view:
             self._check()
             try:
-                written = os.write(self.fd, view)
+                size = os.write(self.fd, view)
             except BlockingIOError:
                 self._wait(select.POLLOUT)
                 continue
@@ -79,7 +85,9 @@ class Channel:
                 raise VMStateError("the reader of the stream closed its end before the stream ended") from None
             except OSError as exc:
                 raise VMStateError(f"writing the stream failed: {exc.strerror}") from None
-            view = view[written:]
+            view = view[size:]
+            if written is not None:
+                written(size)
 
     def read(self, size: int = READ_SIZE) -> bytes:
         """Read up to ``size`` bytes; ``b""`` at end of file.

@@ -39,7 +39,7 @@ from .boundary import call_daemon, log, log_exception
 from .callers import CallerGate, default_allowed_uids
 from .channel import Channel
 from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable, as_daemon
-from .fdguard import FdGuard
+from .fdguard import READ, WRITE, FdGuard
 from .inline import InlineMode, decode_inline, encode_inline
 from .precopy import PreCopyControl, precopy_stream
 from .records import BytesLike, SaveResult, iter_records, nbytes
@@ -48,7 +48,7 @@ from .vmstate1 import VMState1Interface
 from .vmstate2 import VMState2Interface
 from .workers import Workers
 
-FD_METHODS = [("Save", "ha{sv}"), ("SavePreCopy", "ha{sv}"), ("Load", "ha{sv}")]
+FD_METHODS = [("Save", "ha{sv}", WRITE), ("SavePreCopy", "ha{sv}", WRITE), ("Load", "ha{sv}", READ)]
 STALL_TIMEOUT = 60.0
 """Seconds a transfer may wait for a peer that neither reads nor writes."""
 

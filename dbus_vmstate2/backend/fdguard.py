@@ -1,10 +1,14 @@
 """The message guard every fd-taking service needs on dbus-fast.
 
-Two faults of the library are closed here, before any handler runs:
+Two faults of the library are closed here, before any handler runs, and
+one of the caller's:
 
 * a call whose ``h`` argument carries no fd would reach the handler as the
   raw index (0: our own stdin) since dbus-fast 5.0.19; it is refused with
   ``org.freedesktop.DBus.Error.InvalidArgs``;
+* an fd open the wrong way for its method (the read end of a pipe handed to
+  Save, which would fail its first write, or the write end to Load) is
+  refused the same way, before anything starts;
 * fds that arrive on a message no handler of ours takes (an unknown member,
   a wrong signature, a signal) are never closed by the library; we close
   them.
@@ -15,8 +19,10 @@ method, which closes them on every path.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import stat
 from collections.abc import Collection
 
 from dbus_fast import Message, MessageType
@@ -27,26 +33,31 @@ log = logging.getLogger("dbus_vmstate2.backend")
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 
+READ, WRITE = "reading", "writing"
+"""What a method does with its fds (see :class:`FdGuard`)."""
+
+
 class FdGuard:
     """A ``bus.add_message_handler`` callable for the methods in ``fd_methods``.
 
     Args:
         path: the object path of our methods.
         interface: their interface (a call may also omit the interface).
-        fd_methods: ``(member, signature)`` of every method that takes fds.
+        fd_methods: ``(member, signature, use)`` of every method that takes
+            fds, ``use`` being READ or WRITE: what the method does with them.
     """
 
-    def __init__(self, path: str, interface: str, fd_methods: Collection[tuple[str, str]]) -> None:
+    def __init__(self, path: str, interface: str, fd_methods: Collection[tuple[str, str, str]]) -> None:
         self._path = path
         self._interface = interface
-        self._fd_methods = frozenset(fd_methods)
+        self._uses = {(member, signature): use for member, signature, use in fd_methods}
 
     def __call__(self, msg: Message) -> Message | None:
         ours = (
             msg.message_type is MessageType.METHOD_CALL
             and msg.path == self._path
             and msg.interface in (None, self._interface)
-            and (msg.member, msg.signature) in self._fd_methods
+            and (msg.member, msg.signature) in self._uses
         )
         if not ours:
             if msg.unix_fds:
@@ -59,6 +70,12 @@ class FdGuard:
             return Message.new_error(
                 msg, INVALID_ARGS, f"{msg.member} needs a file descriptor in its h argument, and the call carries none"
             )
+        use = self._uses[(msg.member, msg.signature)]
+        for index in indexes:
+            wrong = _wrong_way(msg.unix_fds[index], use)
+            if wrong:
+                self._close(msg, "an fd is open the wrong way", keep=())
+                return Message.new_error(msg, INVALID_ARGS, f"{msg.member} needs its fd open for {use}, but {wrong}")
         # Extra fds that no h argument names would never be seen again.
         self._close(msg, "no h argument names them", keep=indexes)
         return None
@@ -76,3 +93,19 @@ class FdGuard:
             closed += 1
         if closed:
             log.warning("closed %d fd(s) sent by %s with %s.%s: %s", closed, msg.sender, msg.interface, msg.member, why)
+
+
+def _wrong_way(fd: int, use: str) -> str:
+    """Why ``fd`` cannot serve for ``use``, in words; empty if it can."""
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError as exc:
+        return f"it cannot be used ({exc.strerror})"
+    if mode == os.O_RDWR or mode == (os.O_RDONLY if use == READ else os.O_WRONLY):
+        return ""
+    other = WRITE if use == READ else READ
+    if fifo:
+        end = "write" if use == READ else "read"
+        return f"it is the {end} end of a pipe (open for {other} only): pass the other end"
+    return f"it is open for {other} only"

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..errors import BackendFailed, StreamError, Unsupported, VMStateError
+from ..errors import BackendFailed, Malformed, Unsupported, VMStateError
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
+from ..stream._format import MAX_LEVEL, MIN_LEVEL
 from .channel import Channel
 from .boundary import daemon_failed
 from .records import BytesLike, SaveResult, iter_records, nbytes
@@ -26,7 +27,13 @@ log = logging.getLogger("dbus_vmstate2.backend")
 
 @dataclass
 class Progress:
-    """Counters of one transfer, written by its worker thread, read by the loop."""
+    """Counters of one transfer, written by its worker thread, read by the loop.
+
+    They count what has passed through the fd, no more: a save's stream
+    bytes as each write returns and its records once written whole; a
+    load's stream bytes as read, and its records once verified.  So after a
+    cancel they match what the other end received.
+    """
 
     records: int = 0
     raw_bytes: int = 0
@@ -41,16 +48,25 @@ class SaveOptions:
     level: int = 1
     workers: int = 0
 
+    TYPES: ClassVar[dict[str, str]] = {"compression": "s", "level": "i", "workers": "u"}
+    """Each option's one D-Bus type (interfaces/org.qemu.VMState2.xml, Save)."""
+
     @classmethod
     def from_dbus(cls, options: dict[str, Any]) -> SaveOptions:
         """Build from Save's ``a{sv}``.
 
         Raises:
-            Unsupported: an unknown option, compression method or bad value.
+            Unsupported: an unknown option, one of another type than the XML
+                gives, an unknown compression method or a value out of range.
         """
-        unknown = set(options) - {"compression", "level", "workers"}
+        unknown = set(options) - set(cls.TYPES)
         if unknown:
             raise Unsupported(f"unknown Save options: {', '.join(sorted(unknown))} (known: compression, level, workers)")
+        for name, variant in options.items():
+            if variant.signature != cls.TYPES[name]:
+                raise Unsupported(
+                    f"the Save option {name} must be of D-Bus type {cls.TYPES[name]!r}, got {variant.signature!r}"
+                )
         values = {name: variant.value for name, variant in options.items()}
         if "compression" in values:
             name = values["compression"]
@@ -61,9 +77,8 @@ class SaveOptions:
             if values["compression"] is None:
                 known = ", ".join(c.name.lower() for c in Compression)
                 raise Unsupported(f"unknown compression {name!r} (known: {known})")
-        for name in ("level", "workers"):
-            if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)):
-                raise Unsupported(f"the Save option {name} must be an integer")
+        if not MIN_LEVEL <= values.get("level", MIN_LEVEL) <= MAX_LEVEL:  # checked with either compression
+            raise Unsupported(f"the Save option level must be {MIN_LEVEL}..{MAX_LEVEL}, got {values['level']}")
         options = cls(**values)
         try:  # the encoder checks the ranges; ask it now, before anything starts
             StreamEncoder("check", options.compression, options.level, options.workers)
@@ -93,14 +108,14 @@ class Writer:
         """Write ``chunks`` (one record of ``raw`` state bytes, or a header or
         trailer when None) once the previous batch is written.
 
+        The progress counts what has reached the fd: stream bytes as each
+        write returns, a record once all of its bytes are written.
+
         Raises:
             Cancelled, VMStateError: the channel was cancelled or broke.
         """
         self.flush()
-        self._pending = self._submit(_write, self._channel, chunks, self._progress)
-        if raw is not None:
-            self._progress.records += 1
-            self._progress.raw_bytes += raw
+        self._pending = self._submit(_write, self._channel, chunks, self._progress, raw)
 
     def flush(self) -> None:
         """Wait until everything put so far is written."""
@@ -157,10 +172,15 @@ def next_record(records: Iterator[BytesLike]) -> BytesLike | None:
         raise daemon_failed("save", exc) from exc
 
 
-def _write(channel: Channel, chunks: list, progress: Progress) -> None:
+def _write(channel: Channel, chunks: list, progress: Progress, raw: int | None) -> None:
+    def written(size: int) -> None:
+        progress.stream_bytes += size
+
     for chunk in chunks:
-        channel.write(chunk)
-        progress.stream_bytes += nbytes(chunk)
+        channel.write(chunk, written)
+    if raw is not None:
+        progress.records += 1
+        progress.raw_bytes += raw
 
 
 class LoadOutcome(Exception):
@@ -255,4 +275,4 @@ class _RecordReader:
         # Checked before the daemon's loop ends, that is before it commits.
         extra = self._channel.read()
         if extra:
-            raise StreamError(f"the stream has data after its trailer ({len(extra)} bytes or more)")
+            raise Malformed(f"the stream has data after its trailer ({len(extra)} bytes or more), expected none")

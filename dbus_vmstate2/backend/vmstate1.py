@@ -5,10 +5,11 @@
 from typing import Protocol
 
 from dbus_fast.annotations import DBusBytes, DBusStr
-from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
+from dbus_fast.service import PropertyAccess, dbus_property, method
 
 from ..names import VMSTATE1
 from .boundary import dbus_errors
+from .surface import DescribedInterface
 
 
 class Handler(Protocol):
@@ -20,12 +21,14 @@ class Handler(Protocol):
     async def load_inline(self, blob: bytes) -> None: ...
 
 
-class VMState1Interface(ServiceInterface):
+class VMState1Interface(DescribedInterface):
     """``Id``, ``Save() -> ay`` and ``Load(ay)``; the work is the handler's."""
 
+    OUT_ARGS = {"Save": ("data",)}  # as QEMU's XML names it (backend/surface.py)
+
     def __init__(self, backend: Handler) -> None:
-        super().__init__(VMSTATE1)
         self._backend = backend
+        super().__init__(VMSTATE1)
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> DBusStr:  # noqa: N802 - D-Bus member names

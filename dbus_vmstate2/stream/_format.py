@@ -11,7 +11,7 @@ import enum
 import struct
 import zlib
 
-from ..errors import BadMagic, Corrupt, StreamLimitExceeded, UnsupportedVersion
+from ..errors import BadMagic, Corrupt, Malformed, StreamLimitExceeded, UnsupportedVersion
 
 # §2 Stream header -----------------------------------------------------------
 MAGIC = b"\x89VMS2\r\n\x1a"
@@ -25,6 +25,9 @@ MAX_ID_SIZE = 255
 
 _HEADER_FIXED = struct.Struct("<8sHHBbH")  # magic version flags compression level id_len
 HEADER_FIXED_SIZE = _HEADER_FIXED.size  # 16
+VERSION_END = 10
+"""Bytes of the header up to and including its version field: a reader
+judges the version as soon as they have arrived (§2)."""
 MAX_HEADER_SIZE = HEADER_FIXED_SIZE + MAX_ID_SIZE + 4
 """Largest stream header in bytes (275)."""
 
@@ -92,15 +95,58 @@ def zstd_check(frame: bytes | memoryview) -> int:
     return zlib.crc32(frame[-4:], zlib.crc32(frame[:ZSTD_HEADER_MAX]))
 
 
+ZSTD_DESCRIPTOR_MUST = 0x04
+"""Frame_Header_Descriptor bit that must be set: Content_Checksum_flag."""
+ZSTD_DESCRIPTOR_MUST_NOT = 0x1B
+"""Frame_Header_Descriptor bits that must be clear: unused (0x10), reserved (0x08), Dictionary_ID_flag (0x03)."""
+
+
+def zstd_frame_header(frame: bytes | memoryview, seq: int) -> int:
+    """Check a record's zstd frame header against §4 and return the window it needs.
+
+    The window is RFC 8878's Window_Size, or Frame_Content_Size for a
+    single-segment frame, whatever libzstd would do with it: the reader
+    compares it with 2^WINDOW_LOG_MAX before decompressing anything.
+
+    Raises:
+        Malformed: no zstd magic, a descriptor bit that §4 forbids or
+            requires, or a frame shorter than its own header.
+    """
+    if frame[:4] != ZSTD_MAGIC:
+        raise Malformed(f"record {seq}: payload starts with {bytes(frame[:4]).hex()}, expected the zstd magic {ZSTD_MAGIC.hex()}")
+    if len(frame) < 5:
+        raise Malformed(f"record {seq}: zstd frame of {len(frame)} bytes ends inside its header")
+    fhd = frame[4]
+    if fhd & ZSTD_DESCRIPTOR_MUST_NOT or not fhd & ZSTD_DESCRIPTOR_MUST:
+        raise Malformed(
+            f"record {seq}: zstd frame descriptor {fhd:#04x}: expected the content checksum bit (0x04) set "
+            "and the unused, reserved and dictionary bits (0x1b) clear"
+        )
+    single_segment = fhd & 0x20
+    fcs_size = {0: 1 if single_segment else 0, 1: 2, 2: 4, 3: 8}[fhd >> 6]
+    header = 5 + (0 if single_segment else 1) + fcs_size
+    if len(frame) < header:
+        raise Malformed(f"record {seq}: zstd frame of {len(frame)} bytes ends inside its {header}-byte header")
+    if not single_segment:
+        descriptor = frame[5]
+        window_log = 10 + (descriptor >> 3)
+        return (1 << window_log) + ((1 << window_log) >> 3) * (descriptor & 7)
+    content = int.from_bytes(frame[5 : 5 + fcs_size], "little")
+    return content + 256 if fcs_size == 2 else content
+
+
 def pack_header(backend_id: str, compression: Compression, level: int) -> bytes:
     """Build a stream header (§2).
 
     Raises:
-        ValueError: the Id is empty, too long, or the level does not fit.
+        ValueError: the Id is empty, too long, or holds a comma or NUL, or
+            the level does not fit.
     """
     raw_id = backend_id.encode("utf-8")
     if not 0 < len(raw_id) <= MAX_ID_SIZE:
         raise ValueError(f"back-end Id must be 1..{MAX_ID_SIZE} bytes of UTF-8, got {len(raw_id)}")
+    if b"," in raw_id or b"\0" in raw_id:
+        raise ValueError(f"back-end Id may not contain a comma or NUL: {backend_id!r}")
     body = _HEADER_FIXED.pack(MAGIC, FORMAT_VERSION, 0, compression, level, len(raw_id)) + raw_id
     return body + struct.pack("<I", crc32(body))
 
@@ -112,16 +158,26 @@ def check_magic(prefix: bytes) -> None:
         raise BadMagic(f"not a dbus-vmstate2 stream: expected magic {MAGIC.hex()}, found {prefix[:8].hex()}")
 
 
+def check_version(prefix: bytes) -> None:
+    """Check the version field of a header prefix of at least 10 bytes (§2 step 2).
+
+    Raises:
+        UnsupportedVersion: a version other than 1.
+    """
+    (version,) = struct.unpack_from("<H", prefix, 8)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"stream format version {version}, expected {FORMAT_VERSION}")
+
+
 def header_size(fixed: bytes) -> int:
     """Check the fixed 16 header bytes; return the whole header's size.
 
     Raises:
         BadMagic, UnsupportedVersion, StreamLimitExceeded.
     """
-    magic, version, _flags, _comp, _level, id_len = _HEADER_FIXED.unpack(fixed)
+    magic, _version, _flags, _comp, _level, id_len = _HEADER_FIXED.unpack(fixed)
     check_magic(magic)
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersion(f"stream format version {version}, expected {FORMAT_VERSION}")
+    check_version(fixed)
     if not 0 < id_len <= MAX_ID_SIZE:
         raise StreamLimitExceeded(f"header Id length {id_len}, expected 1..{MAX_ID_SIZE}")
     return HEADER_FIXED_SIZE + id_len + 4
@@ -131,8 +187,9 @@ def parse_header(raw: bytes) -> tuple[str, Compression, int]:
     """Verify a whole header; return (Id, compression, level).
 
     Raises:
-        Corrupt: the CRC or the Id's UTF-8 is wrong.
+        Corrupt: the CRC is wrong.
         UnsupportedVersion: unknown flags or compression method.
+        Malformed: the Id is not UTF-8, or holds a comma or NUL.
     """
     (found,) = struct.unpack_from("<I", raw, len(raw) - 4)
     want = crc32(raw[:-4])
@@ -145,11 +202,25 @@ def parse_header(raw: bytes) -> tuple[str, Compression, int]:
         compression = Compression(comp)
     except ValueError:
         raise UnsupportedVersion(f"compression method {comp}, expected one of {[int(c) for c in Compression]}") from None
-    try:
-        backend_id = raw[HEADER_FIXED_SIZE:-4].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Corrupt(f"stream header Id is not UTF-8: {exc}") from None
+    backend_id = decode_id(raw[HEADER_FIXED_SIZE:-4], "stream header Id")
     return backend_id, compression, level
+
+
+def decode_id(raw: bytes, what: str) -> str:
+    """Decode a back-end Id (§2): UTF-8, with no comma and no NUL.
+
+    Raises:
+        Malformed: anything else, said in words.
+    """
+    try:
+        backend_id = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.end].hex(" ")
+        raise Malformed(f"{what} is not valid UTF-8: byte(s) {bad} at offset {exc.start} of {len(raw)}") from None
+    for char, name in ((",", "a comma"), ("\0", "a NUL byte")):
+        if char in backend_id:
+            raise Malformed(f"{what} {backend_id!r} contains {name}, which no back-end Id may hold")
+    return backend_id
 
 
 def pack_record(rtype: int, seq: int, raw_len: int, wire_len: int, check: int) -> bytes:
@@ -167,9 +238,10 @@ def parse_record(raw: bytes, seq: int, compression: Compression) -> tuple[Record
         compression: the stream's method, which fixes how lengths relate.
 
     Raises:
-        Corrupt: CRC, sequence number or lengths wrong.
+        Corrupt: the CRC or the sequence number is wrong.
         UnsupportedVersion: unknown record type or flags (the CRC was right).
         StreamLimitExceeded: raw_len over MAX_RECORD_SIZE.
+        Malformed: lengths or check that break §3.3 (the CRC was right).
     """
     rtype, flags, reserved, raw_len, found_seq, wire_len, check, crc = _RECORD.unpack(raw)
     want = crc32(raw[:-4])
@@ -186,14 +258,14 @@ def parse_record(raw: bytes, seq: int, compression: Compression) -> tuple[Record
     if raw_len > MAX_RECORD_SIZE:
         raise StreamLimitExceeded(f"record {seq}: payload of {raw_len} bytes, limit {MAX_RECORD_SIZE}")
     if rtype is RecordType.END_OF_INITIAL and raw_len:
-        raise Corrupt(f"record {seq}: END_OF_INITIAL with {raw_len} payload bytes, expected 0")
+        raise Malformed(f"record {seq}: END_OF_INITIAL with {raw_len} payload bytes, expected 0")
     if compression is Compression.NONE or raw_len == 0:
         if wire_len != raw_len:
-            raise Corrupt(f"record {seq}: {wire_len} bytes on the wire for {raw_len} raw, expected equal")
+            raise Malformed(f"record {seq}: {wire_len} bytes on the wire for {raw_len} raw, expected equal")
     elif not 0 < wire_len <= zstd_bound(raw_len):
-        raise Corrupt(f"record {seq}: zstd frame of {wire_len} bytes for {raw_len} raw, expected 1..{zstd_bound(raw_len)}")
+        raise Malformed(f"record {seq}: zstd frame of {wire_len} bytes for {raw_len} raw, expected 1..{zstd_bound(raw_len)}")
     if raw_len == 0 and check:
-        raise Corrupt(f"record {seq}: check {check:#010x} on an empty payload, expected 0")
+        raise Malformed(f"record {seq}: check {check:#010x} on an empty payload, expected 0")
     return rtype, raw_len, wire_len, check
 
 

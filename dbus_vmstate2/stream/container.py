@@ -18,9 +18,20 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..errors import BadMagic, Corrupt, StreamLimitExceeded, Truncated, UnsupportedVersion
+from ..errors import BadMagic, Corrupt, Malformed, StreamLimitExceeded, Truncated, UnsupportedVersion
 from ._events import NEED_DATA, StreamEnd
-from ._format import DIGEST_SIZE, MAX_ID_SIZE, Compression, crc32
+from ._format import (
+    DIGEST_SIZE,
+    FORMAT_VERSION,
+    HEADER_FIXED_SIZE,
+    MAX_ID_SIZE,
+    MAX_RECORD_SIZE,
+    RECORD_HEADER_SIZE,
+    TRAILER_SIZE,
+    Compression,
+    crc32,
+    decode_id,
+)
 from .decoder import StreamDecoder
 
 FILE_MAGIC = b"\x89VM2F\r\n\x1a"
@@ -41,6 +52,8 @@ SEGMENT_HEADER_SIZE = _SEGMENT.size  # 16
 FOOTER_SIZE = _FOOTER.size  # 24
 SEGMENT_TAG, INDEX_TAG = 0x53, 0x49  # "S", "I"
 MAX_INDEX_SIZE = _INDEX_HEAD.size + MAX_STREAMS * (1 + MAX_ID_SIZE + _ENTRY.size) + 4
+MIN_INDEX_SIZE = _INDEX_HEAD.size + 4
+"""An index of no streams: its head and its CRC (12 bytes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +82,7 @@ class StreamInfo:
     @property
     def ratio(self) -> float:
         """Raw payload bytes per stored byte (0.0 for an empty state)."""
-        return self.raw_bytes / self.stream_bytes if self.raw_bytes else 0.0
+        return self.raw_bytes / self.stream_bytes if self.raw_bytes and self.stream_bytes else 0.0
 
 
 def _crc_tail(raw: bytes, what: str) -> None:
@@ -174,7 +187,7 @@ class ContainerWriter:
 
         Raises:
             RuntimeError: a stream is still open.
-            Corrupt: two streams carry the same back-end Id.
+            Malformed: two streams carry the same back-end Id.
         """
         if not self._started or self._finished:
             raise RuntimeError("ContainerWriter.finish() without start() or twice")
@@ -209,11 +222,11 @@ def pack_index(infos: list[StreamInfo]) -> bytes:
     """Encode the index (§7.3) for ``infos``, in stream-number order.
 
     Raises:
-        Corrupt: two entries carry the same Id.
+        Malformed: two entries carry the same Id.
     """
     ids = [i.backend_id for i in infos]
     if len(set(ids)) != len(ids):
-        raise Corrupt(f"one stream per back-end Id, found duplicates in {ids}")
+        raise Malformed(f"one stream per back-end Id, found duplicates in {ids}")
     parts = [_INDEX_HEAD.pack(INDEX_TAG, 0, 0, len(infos))]
     for i in infos:
         raw_id = i.backend_id.encode()
@@ -225,7 +238,7 @@ def pack_index(infos: list[StreamInfo]) -> bytes:
 
 
 def parse_file_header(raw: bytes) -> None:
-    """Check the 16-byte file header.
+    """Check the 16-byte file header (§7.5 step 2).
 
     Raises:
         BadMagic, UnsupportedVersion, Corrupt.
@@ -241,74 +254,136 @@ def parse_file_header(raw: bytes) -> None:
 
 
 def parse_footer(raw: bytes, file_size: int) -> tuple[int, int]:
-    """Check the 24-byte footer of a file of ``file_size`` bytes.
+    """Check the 24-byte footer of a file of ``file_size`` bytes (§7.5 step 3).
 
     Returns:
         (index offset, index length).
 
     Raises:
         Truncated: no footer magic (an unfinished or cut file).
-        Corrupt, StreamLimitExceeded: a footer that does not fit the file.
+        Corrupt: a wrong CRC, or a footer that does not fit the file's size.
+        StreamLimitExceeded: an index over MAX_INDEX_SIZE.
+        Malformed: an index that cannot be one (inside the file header, or
+            shorter than an empty index).
     """
     offset, length, _crc, magic = _FOOTER.unpack(raw)
     if magic != END_MAGIC:
-        raise Truncated(f"no footer: expected {END_MAGIC!r} at the end, found {magic!r} (unfinished or cut file)")
+        raise Truncated(
+            f"no footer: expected the end magic {END_MAGIC.hex()} in the last 8 bytes, found {magic.hex()} "
+            "(an unfinished or cut file)"
+        )
     _crc_tail(raw[:16], "footer")
     if length > MAX_INDEX_SIZE:
         raise StreamLimitExceeded(f"index of {length} bytes, limit {MAX_INDEX_SIZE}")
-    if offset < FILE_HEADER_SIZE or offset + length + FOOTER_SIZE != file_size:
-        raise Corrupt(f"index at {offset}+{length} does not end at the footer ({file_size - FOOTER_SIZE})")
+    if offset + length + FOOTER_SIZE != file_size:
+        raise Corrupt(
+            f"the footer puts the index at {offset} with {length} bytes, ending at {offset + length}, "
+            f"but the footer starts at {file_size - FOOTER_SIZE} in this file of {file_size} bytes"
+        )
+    if offset < FILE_HEADER_SIZE or length < MIN_INDEX_SIZE:
+        raise Malformed(
+            f"the footer puts the index at {offset} with {length} bytes: expected it at {FILE_HEADER_SIZE} "
+            f"or later, at least {MIN_INDEX_SIZE} bytes long"
+        )
     return offset, length
 
 
 def parse_index(raw: bytes) -> list[StreamInfo]:
-    """Decode and check the index.
+    """Decode and check the index (§7.5 step 4).
 
     Raises:
-        Corrupt, UnsupportedVersion, StreamLimitExceeded.
+        Corrupt: a wrong CRC.
+        UnsupportedVersion: an unknown tag, flags, stream version or compression.
+        StreamLimitExceeded: more than MAX_STREAMS streams.
+        Malformed: entries that do not fit the index, bytes after them, an Id
+            that is empty, not UTF-8, repeated or holds a comma or NUL, or an
+            entry no stream could have (see :func:`_check_entry`).
     """
-    if len(raw) < _INDEX_HEAD.size + 4:
-        raise Corrupt(f"index of {len(raw)} bytes, expected at least {_INDEX_HEAD.size + 4}")
+    if len(raw) < MIN_INDEX_SIZE:
+        raise Malformed(f"index of {len(raw)} bytes, expected at least {MIN_INDEX_SIZE}")
     _crc_tail(raw, "index")
     tag, flags, reserved, count = _INDEX_HEAD.unpack_from(raw)
     if tag != INDEX_TAG or flags or reserved:
-        raise UnsupportedVersion(f"index tag/flags {tag:#04x}/{flags:#04x}/{reserved:#06x}, expected 0x49/0/0")
+        raise UnsupportedVersion(
+            f"index tag {tag:#04x}, flags {flags:#04x}, reserved {reserved:#06x}: expected tag 0x49 ('I'), 0 and 0"
+        )
     if count > MAX_STREAMS:
         raise StreamLimitExceeded(f"index lists {count} streams, limit {MAX_STREAMS}")
+    end = len(raw) - 4
     pos, infos = _INDEX_HEAD.size, []
-    try:
-        for _ in range(count):
-            n = raw[pos]
-            backend_id = raw[pos + 1 : pos + 1 + n].decode()
-            pos += 1 + n
-            version, comp, level, *rest, digest = _ENTRY.unpack_from(raw, pos)
-            pos += _ENTRY.size
-            infos.append(StreamInfo(backend_id, version, Compression(comp), level, *rest, digest))
-    except (IndexError, ValueError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
-        raise Corrupt(f"index entry {len(infos)} is malformed: {exc}") from None
-    if pos != len(raw) - 4:
-        raise Corrupt(f"index has {len(raw) - 4 - pos} bytes after its {count} entries, expected 0")
-    if len({i.backend_id for i in infos}) != count or any(not i.backend_id for i in infos):
-        raise Corrupt("index lists an empty or duplicate back-end Id")
+    for n in range(count):
+        what = f"index entry {n}"
+        if pos >= end:
+            raise Malformed(f"{what} of {count} starts at the end of the index (at byte {pos} of {end})")
+        id_len = raw[pos]
+        if id_len == 0 or pos + 1 + id_len + _ENTRY.size > end:
+            raise Malformed(
+                f"{what}: an Id of {id_len} bytes and its {_ENTRY.size} bytes of fields do not fit the index "
+                f"({end - pos - 1} bytes left); expected an Id of 1..{MAX_ID_SIZE} bytes"
+            )
+        backend_id = decode_id(raw[pos + 1 : pos + 1 + id_len], f"{what}'s Id")
+        pos += 1 + id_len
+        version, comp, level, records, raw_bytes, stream_bytes, segments, digest = _ENTRY.unpack_from(raw, pos)
+        pos += _ENTRY.size
+        if version != FORMAT_VERSION:
+            raise UnsupportedVersion(f"{what} ({backend_id!r}): stream format version {version}, expected {FORMAT_VERSION}")
+        if comp not in tuple(Compression):
+            known = ", ".join(f"{int(c)} ({c.name.lower()})" for c in Compression)
+            raise UnsupportedVersion(f"{what} ({backend_id!r}): compression method {comp}, expected one of {known}")
+        info = StreamInfo(backend_id, version, Compression(comp), level, records, raw_bytes, stream_bytes, segments, digest)
+        _check_entry(info, what)
+        infos.append(info)
+    if pos != end:
+        raise Malformed(f"index has {end - pos} bytes after its {count} entries, expected none")
+    ids = [i.backend_id for i in infos]
+    if len(set(ids)) != len(ids):
+        raise Malformed(f"index lists a back-end Id twice: {sorted({i for i in ids if ids.count(i) > 1})}")
     assert all(len(i.digest) == DIGEST_SIZE for i in infos)
     return infos
 
 
+def _check_entry(info: StreamInfo, what: str) -> None:
+    """Refuse an entry that no stream could have (§7.3), as Malformed.
+
+    A stream is at least its header and trailer plus a header per record,
+    carries at most MAX_RECORD_SIZE per record, and fills at least one
+    segment and at most one segment per byte.
+    """
+    smallest = HEADER_FIXED_SIZE + len(info.backend_id.encode()) + 4 + TRAILER_SIZE + RECORD_HEADER_SIZE * info.records
+    fewest = -(-info.stream_bytes // MAX_SEGMENT_SIZE)
+    problems = []
+    if info.stream_bytes < smallest:
+        problems.append(f"{info.stream_bytes} stream bytes for {info.records} records, expected at least {smallest}")
+    if info.raw_bytes > info.records * MAX_RECORD_SIZE:
+        problems.append(f"{info.raw_bytes} raw bytes in {info.records} records, expected at most {MAX_RECORD_SIZE} each")
+    if not max(fewest, 1) <= info.segments <= info.stream_bytes:
+        problems.append(f"{info.segments} segments for {info.stream_bytes} bytes, expected {max(fewest, 1)}..{info.stream_bytes}")
+    if problems:
+        raise Malformed(f"{what} ({info.backend_id!r}) cannot describe a stream: {'; '.join(problems)}")
+
+
 def parse_segment_header(raw: bytes, streams: int) -> tuple[int, int]:
-    """Check a 16-byte segment header in a file of ``streams`` streams.
+    """Check a 16-byte segment header in a file of ``streams`` streams (§7.5 step 5).
 
     Returns:
         (stream number, data length).
 
     Raises:
-        Corrupt, StreamLimitExceeded.
+        Corrupt: a wrong CRC.
+        UnsupportedVersion: an unknown tag, or flags or reserved bits set.
+        Malformed: a stream number the index does not list, or no data.
+        StreamLimitExceeded: more data than MAX_SEGMENT_SIZE.
     """
     tag, flags, reserved, stream, length, _crc = _SEGMENT.unpack(raw)
     _crc_tail(raw, "segment header")
     if tag != SEGMENT_TAG or flags or reserved:
-        raise Corrupt(f"segment tag/flags {tag:#04x}/{flags:#04x}/{reserved:#06x}, expected 0x53/0/0")
+        raise UnsupportedVersion(
+            f"segment tag {tag:#04x}, flags {flags:#04x}, reserved {reserved:#06x}: expected tag 0x53 ('S'), 0 and 0"
+        )
     if stream >= streams:
-        raise Corrupt(f"segment for stream {stream}, the index lists {streams}")
-    if not 0 < length <= MAX_SEGMENT_SIZE:
-        raise StreamLimitExceeded(f"segment of {length} bytes, expected 1..{MAX_SEGMENT_SIZE}")
+        raise Malformed(f"segment for stream {stream}, but the index lists {streams} (numbered from 0)")
+    if length == 0:
+        raise Malformed(f"segment of 0 bytes for stream {stream}, expected 1..{MAX_SEGMENT_SIZE}")
+    if length > MAX_SEGMENT_SIZE:
+        raise StreamLimitExceeded(f"segment of {length} bytes, limit {MAX_SEGMENT_SIZE}")
     return stream, length

@@ -20,24 +20,26 @@ import hashlib
 from collections import deque
 from typing import NamedTuple
 
-from ..errors import Corrupt, IdMismatch, StreamError, Truncated, UnsupportedVersion
+from ..errors import Corrupt, IdMismatch, Malformed, StreamError, StreamLimitExceeded, Truncated, UnsupportedVersion
 from ._events import NEED_DATA, Record, StreamEnd, StreamHeader, _Sentinel
 from ._format import (
     HEADER_FIXED_SIZE,
     RECORD_HEADER_SIZE,
     TRAILER_SIZE,
     TRAILER_TYPE,
+    VERSION_END,
     WINDOW_LOG_MAX,
-    ZSTD_MAGIC,
     Compression,
     RecordType,
     check_magic,
+    check_version,
     crc32,
     header_size,
     parse_header,
     parse_record,
     parse_trailer,
     zstd_check,
+    zstd_frame_header,
 )
 from ._zstd import zstd
 
@@ -189,14 +191,14 @@ class StreamDecoder:
         """Queue input bytes (any bytes-like, any size, any segmentation).
 
         Raises:
-            Corrupt: bytes arrive after the trailer.
+            Malformed: bytes arrive after the trailer.
             RuntimeError: called after feed_eof().
         """
         if self._eof:
             raise RuntimeError("StreamDecoder.feed() after feed_eof()")
         self._in.append(data, copy=self.payloads)
         if self._state is _State.DONE and self._in.size and self._error is None:
-            self._error = Corrupt(f"{self._in.size} bytes after the stream trailer, expected none")
+            self._error = _after_trailer(self._in.size)
             raise self._error
 
     def feed_eof(self) -> None:
@@ -212,8 +214,9 @@ class StreamDecoder:
 
         Raises:
             StreamError: one of BadMagic, UnsupportedVersion, Truncated,
-                Corrupt, IdMismatch, StreamLimitExceeded.  The decoder is then
-                failed for good and raises the same error on every call.
+                Corrupt, Malformed, IdMismatch, StreamLimitExceeded (which
+                one for which fault: docs/stream-format.md §6.3).  The decoder
+                is then failed for good and raises the same error on every call.
         """
         if self._error is not None:
             raise self._error
@@ -250,7 +253,7 @@ class StreamDecoder:
             self._rec = parse_record(raw, self.records, self.header.compression)
             if self._rec[0] is RecordType.END_OF_INITIAL:
                 if self._end_of_initial:
-                    raise Corrupt(f"record {self.records}: second END_OF_INITIAL, expected at most one")
+                    raise Malformed(f"record {self.records}: second END_OF_INITIAL, expected at most one")
                 self._end_of_initial = True
             self._digest.update(raw)
             self.wire_bytes += size
@@ -258,11 +261,16 @@ class StreamDecoder:
         if self._state is _State.PAYLOAD:
             return self._payload()
         if self._in.size:  # DONE
-            raise Corrupt(f"{self._in.size} bytes after the stream trailer, expected none")
+            raise _after_trailer(self._in.size)
         return NEED_DATA
 
     def _header(self) -> StreamHeader | _Sentinel:
-        check_magic(self._in.peek(8))
+        # §2: each field is judged as soon as it has arrived, so the error
+        # does not depend on how the input was cut.
+        prefix = self._in.peek(VERSION_END)
+        check_magic(prefix)
+        if len(prefix) == VERSION_END:
+            check_version(prefix)
         if self._in.size < HEADER_FIXED_SIZE:
             return self._need(HEADER_FIXED_SIZE)
         size = header_size(self._in.peek(HEADER_FIXED_SIZE))
@@ -324,9 +332,13 @@ class StreamDecoder:
             raise UnsupportedVersion("trailer flags or reserved fields set, expected 0")
         self.wire_bytes += TRAILER_SIZE
         self._state = _State.DONE
-        if self._in.size:
-            raise Corrupt(f"{self._in.size} bytes after the stream trailer, expected none")
+        if self._in.size:  # §5: judged after the trailer, whether they came with it or later
+            raise _after_trailer(self._in.size)
         return StreamEnd(records, raw_bytes, self.wire_bytes, digest)
+
+
+def _after_trailer(size: int) -> Malformed:
+    return Malformed(f"{size} bytes after the stream trailer, expected none (the stream ended there)")
 
 
 def _unzstd(frame: memoryview, raw_len: int, check: int, seq: int) -> bytes:
@@ -334,15 +346,15 @@ def _unzstd(frame: memoryview, raw_len: int, check: int, seq: int) -> bytes:
     found = zstd_check(frame)
     if found != check:
         raise Corrupt(f"record {seq}: zstd frame check {found:#010x}, expected {check:#010x}")
-    if frame[:4] != ZSTD_MAGIC or len(frame) < 9 or frame[4] & 0x1B or not frame[4] & 0x04:
-        # 0x04: content checksum present; 0x1B: unused, reserved and dictionary bits clear.
-        raise Corrupt(f"record {seq}: payload is not a zstd frame with a content checksum and no dictionary")
+    window = zstd_frame_header(frame, seq)
+    if window > 1 << WINDOW_LOG_MAX:
+        raise StreamLimitExceeded(f"record {seq}: zstd frame needs a window of {window} bytes, limit {1 << WINDOW_LOG_MAX}")
     dec = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max: WINDOW_LOG_MAX})
     try:
         # max_length bounds the output whatever the frame claims: a bomb stops here.
         out = dec.decompress(frame, max_length=raw_len + 1)
-    except zstd.ZstdError as exc:
-        raise Corrupt(f"record {seq}: zstd: {exc}") from None
+    except zstd.ZstdError as exc:  # libzstd's own words: "Data corruption detected", ...
+        raise Corrupt(f"record {seq}: the zstd frame does not decode ({exc})") from None
     if len(out) != raw_len or not dec.eof or dec.unused_data:
         state = "complete" if dec.eof else "incomplete"
         raise Corrupt(

@@ -53,7 +53,8 @@ from .precopy import (
     SwitchOver,
 )
 from .savefile import SaveFileWriter, save_target
-from .transfers import Operation, Progress, Throttle, in_thread, labelled, pump_to_file, wait_regardless
+from .pump import CLOSE_TIMEOUT, StreamPump, Throttle
+from .transfers import Operation, Progress, in_thread, labelled, wait_regardless, watch_outcome
 
 TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
@@ -109,6 +110,8 @@ async def save_live(
     switch_over: asyncio.Event | None = None,
     resume: bool = False,
     max_bandwidth: float | None = None,
+    verify: bool = True,
+    close_timeout: float = CLOSE_TIMEOUT,
 ) -> Summary:
     """Save ``backends`` live into one new file at ``path``.
 
@@ -122,6 +125,9 @@ async def save_live(
             stay ``stopped``).
         max_bandwidth: cap the total rate read from the back-ends, in bytes
             per second (QEMU's ``max-bandwidth``); None: no cap.
+        verify: False to only skim the streams (as :func:`~.transfers.save_to_file`).
+        close_timeout: seconds a back-end has to close its end of the pipe
+            once its stream has ended or it reported its transfer finished.
 
     Returns:
         The plan's summary: bytes, rounds, times, the measured downtime.
@@ -148,7 +154,10 @@ async def save_live(
             progress.begin("pre-copy")
             try:
                 for source in sources:
-                    await _start(operation, writer, source, options or {}, progress, wake, throttle)
+                    await _start(operation, writer, source, options or {}, wake,
+                                 lambda fd, stream, b=source.backend: StreamPump(
+                                     fd, writer, stream, b.id, progress, verify=verify,
+                                     close_timeout=close_timeout, throttle=throttle))  # fmt: skip
                 summary = await _drive(bus, sources, initial, config, progress, wake, on_status, switch_over)
             except BaseException:
                 await wait_regardless(asyncio.ensure_future(_abandon(bus, operation, sources)))
@@ -165,41 +174,48 @@ async def save_live(
 
 
 async def _start(
-    operation: Operation, writer: SaveFileWriter, source: _Source, options: dict[str, Variant], progress: Progress,
-    wake: asyncio.Event, throttle: Throttle | None,
+    operation: Operation, writer: SaveFileWriter, source: _Source, options: dict[str, Variant], wake: asyncio.Event,
+    make_pump: Callable[[int, int], StreamPump],
 ) -> None:
     backend = source.backend
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    pump = make_pump(read_end, stream)
     try:
         enlarge_pipe(read_end)
         source.number = await operation.start(backend, "SavePreCopy", write_end, options)
     except VMStateError as exc:
+        pump.close()
         os.close(read_end)
         raise labelled(backend, exc) from exc
     except BaseException:
+        pump.close()
         os.close(read_end)
         raise
+    watched = watch_outcome(operation.signals, backend, source.number, pump)
 
-    async def pump() -> None:
+    async def run_pump() -> None:
         try:
-            await in_thread(pump_to_file, read_end, writer, stream, backend.id, progress, throttle)
+            await in_thread(pump.run, stop=pump.stop)
             writer.close_stream(stream)
         except StreamError as exc:
-            raise labelled(backend, BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}")) from exc
+            raise labelled(backend, BackendFailed(f"its stream does not verify: {type(exc).__name__}: {exc}")) from exc
+        except VMStateError as exc:
+            raise labelled(backend, exc) from exc
         finally:
+            pump.close()
             os.close(read_end)
             wake.set()
 
     async def outcome() -> Any:
         try:
-            return await operation.signals.wait_finished(backend, source.number)
+            return await watched
         except VMStateError as exc:
             raise labelled(backend, exc) from exc
         finally:
             wake.set()
 
-    source.pump = asyncio.ensure_future(pump())
+    source.pump = asyncio.ensure_future(run_pump())
     source.outcome = asyncio.ensure_future(outcome())
 
 
@@ -284,9 +300,11 @@ def _raise_failures(sources: list[_Source]) -> None:
 
 
 async def _abandon(bus: MessageBus, operation: Operation, sources: list[_Source]) -> None:
-    """Stop our transfers, wait for the pumps, and resume what was stopped."""
+    """Stop our transfers, stop and wait for the pumps, and resume what was stopped."""
     await operation.stop()
     tasks = [t for s in sources for t in (s.pump, s.outcome) if t is not None]
+    for task in tasks:  # a back-end that keeps its end open must not hold us up
+        task.cancel()
     if tasks:
         await asyncio.wait(tasks)
         for task in tasks:

@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
-from ..errors import Cancelled, Corrupt, StreamError, Truncated
-from ..stream import NEED_DATA, StreamDecoder, StreamEnd
+from ..errors import Cancelled, Corrupt, Malformed, StreamError, Truncated
+from ..stream import NEED_DATA, StreamDecoder, StreamEnd, StreamHeader
 from ..stream.container import (
     FILE_HEADER_SIZE,
     FOOTER_SIZE,
@@ -313,11 +313,14 @@ class SaveFileReader:
         pos = FILE_HEADER_SIZE
         while pos < self._index_offset:
             if self._index_offset - pos < SEGMENT_HEADER_SIZE:
-                raise Corrupt(f"{self._index_offset - pos} stray bytes before the index at {pos}")
+                raise Malformed(
+                    f"{self._index_offset - pos} bytes at {pos} before the index at {self._index_offset}, "
+                    f"too few for a segment header ({SEGMENT_HEADER_SIZE} bytes)"
+                )
             stream, length = parse_segment_header(self._read(pos, SEGMENT_HEADER_SIZE), count)
             pos += SEGMENT_HEADER_SIZE
             if pos + length > self._index_offset:
-                raise Corrupt(f"segment at {pos} of {length} bytes runs into the index at {self._index_offset}")
+                raise Malformed(f"segment data at {pos} of {length} bytes runs into the index at {self._index_offset}")
             seen_bytes[stream] += length
             seen_segments[stream] += 1
             if only is None or stream == only:
@@ -404,9 +407,21 @@ def verify_streams(
         pump(n, None)
         end, head = ends[n], decoders[n].header
         if errors[n] is None and end is not None and head is not None:
-            found = (head.version, head.compression, head.level, end.records, end.raw_bytes, end.wire_bytes, end.digest)
-            want = (info.version, info.compression, info.level, info.records, info.raw_bytes,
-                    info.stream_bytes, info.digest)  # fmt: skip
-            if found != want:
-                errors[n] = f"Corrupt: the index does not match the stream ({want} vs {found})"
+            differ = index_differences(info, head, end)
+            if differ:
+                errors[n] = f"Corrupt: the index entry does not match the stream: {'; '.join(differ)}"
     return errors
+
+
+def index_differences(info: StreamInfo, head: StreamHeader, end: StreamEnd) -> list[str]:
+    """What an index entry says that its verified stream does not (§7.3), in words."""
+    pairs = [
+        ("format version", info.version, head.version),
+        ("compression", info.compression.name.lower(), head.compression.name.lower()),
+        ("level", info.level, head.level),
+        ("records", info.records, end.records),
+        ("raw bytes", info.raw_bytes, end.raw_bytes),
+        ("stream bytes", info.stream_bytes, end.wire_bytes),
+        ("digest", info.digest.hex(), end.digest.hex()),
+    ]
+    return [f"{what}: the index says {said}, the stream has {has}" for what, said, has in pairs if said != has]

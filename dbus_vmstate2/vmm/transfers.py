@@ -50,11 +50,13 @@ from ..names import VMSTATE2
 from ..stream.container import StreamInfo
 from .calls import call
 from .discovery import NOT_VMSTATE2, BackendInfo
+from .pump import CLOSE_TIMEOUT, StreamPump
 from .savefile import SaveFileReader, SaveFileWriter, save_target, verify_streams
 
 T = TypeVar("T")
 
 CHUNK = 1 << 20
+"""The largest piece a load writes into a back-end's pipe at once."""
 
 
 @dataclass
@@ -253,8 +255,9 @@ class Operation:
 
     async def run(self, jobs: list[Coroutine[Any, Any, T]]) -> list[T]:
         """Run ``jobs`` together; on the first failure, or if we are cancelled
-        ourselves, stop this operation's transfers (which ends our pumps too:
-        the back-ends close their ends), wait for every job, and raise.
+        ourselves, stop this operation's transfers, cancel every job (its
+        pump stops at once, whatever its back-end does with its end), wait
+        for every job, and raise.
 
         Every job's exception is retrieved here: the first failure speaks for
         all, and no "exception was never retrieved" is left behind.
@@ -277,10 +280,12 @@ class Operation:
                     task.exception()
 
     async def _stop_and_wait(self, tasks: list[asyncio.Task[Any]]) -> None:
-        """Stop our transfers and wait for every job; not cut short by a cancellation."""
+        """Stop our transfers, cancel every job and wait for it; not cut short by a cancellation."""
 
         async def stop_and_wait() -> None:
             await self.stop()
+            for task in tasks:  # its pump stops at once, even if its back-end keeps its end open
+                task.cancel()
             await asyncio.wait(tasks)
 
         cleanup = asyncio.ensure_future(stop_and_wait())
@@ -337,14 +342,25 @@ async def save_to_file(
     path: str | os.PathLike[str],
     options: dict[str, Variant] | None = None,
     progress: Progress | None = None,
+    *,
+    verify: bool = True,
+    close_timeout: float = CLOSE_TIMEOUT,
 ) -> list[StreamInfo]:
     """Save every back-end in ``backends`` into one new file at ``path``.
+
+    Each stream is decoded as it arrives, by default completely (every
+    payload's check, every zstd frame with bounded output: what ``load``
+    does), so that a file this returns is one that loads.
 
     Args:
         path: a regular file (replaced atomically), a new name, or a link to
             a regular file (which is replaced; the link stays).
         options: VMState2 Save options (``compression``, ``level``, ``workers``).
         progress: updated with the phase and the bytes received per back-end.
+        verify: False to only skim the streams (framing, counts and digest;
+            not the payloads: docs/stream-format.md §6.4).
+        close_timeout: seconds a back-end has to close its end of the pipe
+            once its stream has ended or it reported its transfer finished.
 
     Returns:
         The file's index entries, one per back-end, in ``backends`` order.
@@ -352,6 +368,8 @@ async def save_to_file(
     Raises:
         UnusableFile: ``path`` cannot take a saved file; no back-end was touched.
         NoBackends: ``backends`` is empty.
+        BackendFailed: a back-end wrote a stream that does not verify, or did
+            not close its end of the pipe in time.
         VMStateError: the first failure, naming its back-end; no file is
             left under ``path`` and every back-end keeps its state.
     """
@@ -365,7 +383,7 @@ async def save_to_file(
         operation = Operation(bus, backends)
         async with operation.signals:
             progress.begin("saving")
-            jobs = [_save_one(operation, writer, b, options or {}, progress) for b in backends]
+            jobs = [_save_one(operation, writer, b, options or {}, progress, verify, close_timeout) for b in backends]
             infos = await operation.run(jobs)
         progress.begin("syncing")
         await in_thread(writer.commit, stop=writer.abandon)
@@ -378,79 +396,64 @@ async def save_to_file(
 
 async def _save_one(
     operation: Operation, writer: SaveFileWriter, backend: BackendInfo, options: dict[str, Variant], progress: Progress,
+    verify: bool, close_timeout: float,
 ) -> StreamInfo:
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     started = time.monotonic()
+    pump = StreamPump(read_end, writer, stream, backend.id, progress, verify=verify, close_timeout=close_timeout)
+    outcome: asyncio.Future[Outcome | None] | None = None
     try:
         enlarge_pipe(read_end)
         try:
             number = await operation.start(backend, "Save", write_end, options)
+            outcome = watch_outcome(operation.signals, backend, number, pump)
             try:
-                await in_thread(pump_to_file, read_end, writer, stream, backend.id, progress)
+                await in_thread(pump.run, stop=pump.stop)
                 info = writer.close_stream(stream)
             except StreamError as exc:
-                # A bad stream on save is the back-end's failure, not a bad
-                # file.  If it can say why (it was cancelled, its save
-                # raised, a record was too large), that is the error to show.
-                await _reported_failure(operation.signals, backend, number)
-                raise BackendFailed(f"its stream is unusable ({type(exc).__name__}): {exc}") from exc
-            await operation.signals.wait_finished(backend, number)
+                # A stream that does not verify on save is the back-end's
+                # failure, not a bad file (exit 1, not 3).  If it can say why
+                # (it was cancelled, its save raised, a record was too
+                # large), that is the error to show.
+                await _reported_failure(outcome)
+                raise BackendFailed(f"its stream does not verify: {type(exc).__name__}: {exc}") from exc
+            await outcome
         except VMStateError as exc:
             raise labelled(backend, exc) from exc
     finally:
+        if outcome is not None and not outcome.done():
+            outcome.cancel()
+            await wait_regardless(outcome)
+        pump.close()
         os.close(read_end)
     progress.seconds[backend.id] = time.monotonic() - started
     return info
 
 
-async def _reported_failure(signals: FinishedSignals, backend: BackendInfo, number: int) -> None:
-    """Raise the back-end's own error for transfer ``number``, if it reports one soon."""
+def watch_outcome(signals: FinishedSignals, backend: BackendInfo, number: int, pump: StreamPump) -> asyncio.Future[Outcome | None]:
+    """Wait for transfer ``number``'s outcome beside its pump, and tell the
+    pump: a success starts its close timeout, a failure stops it with the
+    back-end's own error."""
+    outcome = asyncio.ensure_future(signals.wait_finished(backend, number))
+
+    def tell(future: asyncio.Future[Outcome | None]) -> None:
+        if not future.cancelled():
+            pump.backend_finished(future.exception())
+
+    outcome.add_done_callback(tell)
+    return outcome
+
+
+async def _reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
+    """Raise the back-end's own error from ``outcome``, if it reports one soon."""
     try:
-        await asyncio.wait_for(signals.wait_finished(backend, number), 5.0)
+        await asyncio.wait_for(asyncio.shield(outcome), 5.0)
     except VMStateError as reported:
         if reported.remote_name in set(ErrorName):
             raise
     except TimeoutError:
         pass
-
-
-class Throttle:
-    """Caps the total rate of the pumps that share it, in bytes per second
-    (QEMU's ``max-bandwidth``): each pump waits after a read until the bytes
-    read so far fit the rate."""
-
-    def __init__(self, rate: float) -> None:
-        if not rate > 0:
-            raise ValueError(f"a bandwidth cap must be more than 0 bytes per second, not {rate!r}")
-        self.rate = rate
-        self._lock = threading.Lock()
-        self._free_at = time.monotonic()
-
-    def take(self, size: int) -> None:
-        """Account for ``size`` bytes just moved; sleep as long as the cap asks."""
-        with self._lock:
-            now = time.monotonic()
-            self._free_at = max(self._free_at, now) + size / self.rate
-            delay = self._free_at - now
-        time.sleep(delay)
-
-
-def pump_to_file(
-    fd: int, writer: SaveFileWriter, stream: int, backend_id: str, progress: Progress, throttle: Throttle | None = None
-) -> None:
-    # One buffer for the whole stream: a fresh 1 MiB bytes per read costs
-    # page faults that showed up as system time.  The writer has written
-    # (and its skimming decoder consumed) each piece before write() returns.
-    buffer = bytearray(CHUNK if throttle is None else min(CHUNK, max(4096, int(throttle.rate / 20))))
-    view = memoryview(buffer)
-    total = 0
-    while size := os.readv(fd, [buffer]):
-        writer.write(stream, view[:size])
-        total += size
-        progress.done[backend_id] = total
-        if throttle is not None:
-            throttle.take(size)
 
 
 async def load_from_file(
