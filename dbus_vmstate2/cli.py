@@ -45,6 +45,7 @@ from .vmm import (
 )
 from .vmm.live import save_live
 from .vmm.pump import CLOSE_TIMEOUT
+from .vmm.transfers import STALL_TIMEOUT
 from .vmm.precopy import PreCopyConfig, Status, Summary
 from .vmm.savefile import SaveFileReader, read_index, save_target, verify_streams
 
@@ -398,6 +399,7 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
         help=f"how long a back-end has to close its end of the pipe once its stream has ended or it reported "
         f"its transfer finished (default {CLOSE_TIMEOUT:g})",
     )
+    _add_stall_timeout(p, "sends nothing in the middle of its stream")
     live = p.add_argument_group(
         "live save",
         "--live saves iteratively: the daemons serve on while their state is sent, then the changes, round "
@@ -414,13 +416,16 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
                       help="after --max-rounds, switch over anyway and accept the longer downtime")
     live.add_argument("--timeout", type=_positive(float), default=300.0, metavar="S",
                       help="give up a pre-copy that has not switched over after S seconds (default 300)")
-    live.add_argument("--stall-timeout", type=_positive(float), default=10.0, metavar="S",
-                      help="give up if a back-end with data to send sends nothing for S seconds (default 10)")
     live.add_argument("--max-bandwidth", type=_positive(parse_size), metavar="BYTES_PER_SECOND",
                       help="cap the rate read from the back-ends, in total (e.g. 100M; default: no cap)")
     live.add_argument("--resume", action="store_true", help="resume the back-ends once the file is saved")
     _add_json(p)
     p.set_defaults(func=cmd_save)
+
+
+def _add_stall_timeout(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--stall-timeout", type=_positive(float), default=STALL_TIMEOUT, metavar="S",
+                   help=f"fail if a back-end {what} for S seconds (a stopped or hung one; default {STALL_TIMEOUT:g})")
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -461,7 +466,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     async def run(session: Session) -> list[StreamInfo]:
         async with StatusLine(lambda now: progress_line(progress, args.file, now), lambda: progress.phase):
             return await save_to_file(session.bus, session.backends, args.file, options, progress,
-                                      verify=args.verify, close_timeout=args.close_timeout)  # fmt: skip
+                                      verify=args.verify, close_timeout=args.close_timeout,
+                                      stall_timeout=args.stall_timeout)  # fmt: skip
 
     infos = _on_bus(args, run, require=True)
     seconds = time.monotonic() - started
@@ -527,6 +533,7 @@ def _add_load(sub: argparse._SubParsersAction) -> None:
         "--no-verify", dest="verify", action="store_false",
         help="skip verifying the whole file before loading (each back-end still verifies its own stream)",
     )
+    _add_stall_timeout(p, "reads nothing of its stream")
     _add_json(p)
     p.set_defaults(func=cmd_load)
 
@@ -538,7 +545,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     async def run(session: Session) -> list[StreamInfo]:
         async with StatusLine(lambda now: progress_line(progress, args.file, now), lambda: progress.phase):
-            return await load_from_file(session.bus, session.backends, args.file, progress, verify=args.verify)
+            return await load_from_file(session.bus, session.backends, args.file, progress, verify=args.verify,
+                                        stall_timeout=args.stall_timeout)  # fmt: skip
 
     infos = _on_bus(args, run, require=True)
     seconds = time.monotonic() - started

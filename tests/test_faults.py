@@ -111,7 +111,7 @@ def test_the_backend_killed_or_stopped_mid_transfer(bus_address, memstate, tmp_p
         assert run(bus_address, "save", str(image), "--compression", "none").returncode == 0
     target = tmp_path / "new.vmstate" if operation == "save" else image
     process = subprocess.Popen(
-        [sys.executable, "-m", "dbus_vmstate2", operation, str(target), "--address", bus_address,
+        [sys.executable, "-m", "dbus_vmstate2", operation, str(target), "--address", bus_address, "--stall-timeout", "3",
          *(["--compression", "none"] if operation == "save" else [])],
         cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -75,6 +75,8 @@ class StreamPump:
         close_timeout: seconds the back-end has to close its end of the pipe
             once its stream has ended or it reported its transfer finished.
         throttle: a shared bandwidth cap, if any.
+        stall_timeout: seconds the back-end may send nothing before its
+            stream has ended (a stopped or hung back-end); None: no bound.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class StreamPump:
         verify: bool = True,
         close_timeout: float = CLOSE_TIMEOUT,
         throttle: Throttle | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         if not close_timeout > 0:
             raise ValueError(f"close_timeout must be more than 0 seconds, not {close_timeout!r}")
@@ -98,6 +101,8 @@ class StreamPump:
         self._progress = progress
         self._close_timeout = close_timeout
         self._throttle = throttle
+        self._stall_timeout = stall_timeout
+        self._last_data = time.monotonic()
         self._decoder = StreamDecoder(backend_id, payloads=verify)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopped = False
@@ -180,6 +185,7 @@ class StreamPump:
                 continue
             if not size:
                 break
+            self._last_data = time.monotonic()
             self._decode(view[:size])
             self._writer.write(self._stream, view[:size])
             total += size
@@ -204,7 +210,7 @@ class StreamPump:
             raise self._failure
         starts = [t for t in (self._trailer_at, self._finished_at) if t is not None]
         if not starts:
-            return None
+            return self._check_stall()
         since = time.monotonic() - min(starts)
         if since < self._close_timeout:
             return self._close_timeout - since
@@ -216,6 +222,17 @@ class StreamPump:
             f"{what}, and it has not closed its end of the pipe: a back-end must close the fd when its transfer "
             "ends (is a copy still open, or inherited by a child process?); gave up after the close timeout "
             f"of {self._close_timeout:g} s"
+        )
+
+    def _check_stall(self) -> float | None:
+        if self._stall_timeout is None:
+            return None
+        silent = time.monotonic() - self._last_data
+        if silent < self._stall_timeout:
+            return self._stall_timeout - silent
+        raise BackendFailed(
+            f"it has sent nothing for {silent:.1f} s in the middle of its stream (is it stopped or hung?): gave up "
+            f"after the stall timeout of {self._stall_timeout:g} s"
         )
 
     def _drain_wake(self) -> None:

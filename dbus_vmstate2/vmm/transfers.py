@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -54,6 +55,14 @@ from .pump import CLOSE_TIMEOUT, StreamPump
 from .savefile import SaveFileReader, SaveFileWriter, save_target, verify_streams
 
 T = TypeVar("T")
+
+STALL_TIMEOUT = 30.0
+"""Seconds a back-end may neither write (save) nor read (load) its stream in
+the middle of it before the operation fails."""
+
+STOP_TIMEOUT = 5.0
+"""Seconds a back-end has to answer the Cancel of a failed operation; one that
+is stopped or hung ends its transfer itself once its stall timeout passes."""
 
 CHUNK = 1 << 20
 """The largest piece a load writes into a back-end's pipe at once."""
@@ -245,11 +254,12 @@ class Operation:
                     continue
                 if (exc := transfer.call.exception()) is None:
                     [number] = transfer.call.result()
-                    await call(self.bus, transfer.backend.unique_name, VMSTATE2, "CancelTransfer", "t", [number])
+                    await call(self.bus, transfer.backend.unique_name, VMSTATE2, "CancelTransfer", "t", [number],
+                               timeout=STOP_TIMEOUT)  # fmt: skip
                 elif isinstance(exc, VMStateError) and exc.remote_name in (*ErrorName, *NOT_VMSTATE2):
                     continue  # refused (Busy, ...): nothing of ours runs there
                 else:
-                    await call(self.bus, transfer.backend.unique_name, VMSTATE2, "Cancel")
+                    await call(self.bus, transfer.backend.unique_name, VMSTATE2, "Cancel", timeout=STOP_TIMEOUT)
             except Exception:  # a back-end (or a bus) that is gone has nothing to cancel
                 pass
 
@@ -345,6 +355,7 @@ async def save_to_file(
     *,
     verify: bool = True,
     close_timeout: float = CLOSE_TIMEOUT,
+    stall_timeout: float | None = STALL_TIMEOUT,
 ) -> list[StreamInfo]:
     """Save every back-end in ``backends`` into one new file at ``path``.
 
@@ -361,6 +372,8 @@ async def save_to_file(
             not the payloads: docs/stream-format.md §6.4).
         close_timeout: seconds a back-end has to close its end of the pipe
             once its stream has ended or it reported its transfer finished.
+        stall_timeout: seconds a back-end may send nothing in the middle of
+            its stream (stopped, hung) before the save fails; None: no bound.
 
     Returns:
         The file's index entries, one per back-end, in ``backends`` order.
@@ -383,7 +396,7 @@ async def save_to_file(
         operation = Operation(bus, backends)
         async with operation.signals:
             progress.begin("saving")
-            jobs = [_save_one(operation, writer, b, options or {}, progress, verify, close_timeout) for b in backends]
+            jobs = [_save_one(operation, writer, b, options or {}, progress, verify, close_timeout, stall_timeout) for b in backends]
             infos = await operation.run(jobs)
         progress.begin("syncing")
         await in_thread(writer.commit, stop=writer.abandon)
@@ -396,12 +409,13 @@ async def save_to_file(
 
 async def _save_one(
     operation: Operation, writer: SaveFileWriter, backend: BackendInfo, options: dict[str, Variant], progress: Progress,
-    verify: bool, close_timeout: float,
+    verify: bool, close_timeout: float, stall_timeout: float | None,
 ) -> StreamInfo:
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     started = time.monotonic()
-    pump = StreamPump(read_end, writer, stream, backend.id, progress, verify=verify, close_timeout=close_timeout)
+    pump = StreamPump(read_end, writer, stream, backend.id, progress, verify=verify, close_timeout=close_timeout,
+                      stall_timeout=stall_timeout)  # fmt: skip
     outcome: asyncio.Future[Outcome | None] | None = None
     try:
         enlarge_pipe(read_end)
@@ -463,6 +477,7 @@ async def load_from_file(
     progress: Progress | None = None,
     *,
     verify: bool = True,
+    stall_timeout: float | None = STALL_TIMEOUT,
 ) -> list[StreamInfo]:
     """Load each back-end in ``backends`` from its stream in the file at ``path``.
 
@@ -510,7 +525,7 @@ async def load_from_file(
         operation = Operation(bus, backends)
         async with operation.signals:
             progress.begin("loading", {b.id: reader.streams[streams[b.id]].stream_bytes for b in backends})
-            jobs = [_load_one(operation, reader, streams[b.id], b, progress) for b in backends]
+            jobs = [_load_one(operation, reader, streams[b.id], b, progress, stall_timeout) for b in backends]
             await operation.run(jobs)
         progress.phase = "done"
         return [reader.streams[streams[b.id]] for b in backends]
@@ -525,7 +540,10 @@ def _counter(progress: Progress) -> Callable[[str, int], None]:
     return count
 
 
-async def _load_one(operation: Operation, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress) -> None:
+async def _load_one(
+    operation: Operation, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress,
+    stall_timeout: float | None,
+) -> None:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     started = time.monotonic()
     try:
@@ -537,7 +555,9 @@ async def _load_one(operation: Operation, reader: SaveFileReader, stream: int, b
         try:
             pump_error: BaseException | None = None
             try:
-                await in_thread(_pump_from_file, reader, stream, write_end, backend.id, progress)
+                stop = threading.Event()
+                await in_thread(_pump_from_file, reader, stream, write_end, backend.id, progress, stall_timeout, stop,
+                                stop=stop.set)  # fmt: skip
             except BrokenPipeError as exc:
                 pump_error = exc  # the back-end stopped reading: its outcome says why
             os.close(write_end)
@@ -554,11 +574,38 @@ async def _load_one(operation: Operation, reader: SaveFileReader, stream: int, b
     progress.seconds[backend.id] = time.monotonic() - started
 
 
-def _pump_from_file(reader: SaveFileReader, stream: int, fd: int, backend_id: str, progress: Progress) -> None:
+def _pump_from_file(
+    reader: SaveFileReader, stream: int, fd: int, backend_id: str, progress: Progress,
+    stall_timeout: float | None, stop: threading.Event,
+) -> None:
+    """Write one stream of the file into a back-end's pipe.
+
+    Raises:
+        BrokenPipeError: the back-end closed its end.
+        BackendFailed: it read nothing for ``stall_timeout`` seconds.
+        Cancelled: ``stop`` was set.
+    """
+    os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
     total = 0
     for data in reader.stream_chunks(stream, CHUNK):
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            try:
+                view = view[os.write(fd, view):]
+                continue
+            except BlockingIOError:
+                pass
+            waited = 0.0
+            while not poller.poll(250):  # a quarter of a second at a time: stop() is seen soon
+                if stop.is_set():
+                    raise Cancelled("the load was stopped")
+                waited += 0.25
+                if stall_timeout is not None and waited >= stall_timeout:
+                    raise BackendFailed(
+                        f"it has read nothing of its stream for {waited:g} s (is it stopped or hung?): gave up "
+                        f"after the stall timeout of {stall_timeout:g} s"
+                    )
         total += len(data)
         progress.done[backend_id] = total
