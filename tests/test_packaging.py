@@ -24,7 +24,8 @@ from .conftest import ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 # The tests that read what lies outside the package: docs/, interfaces/, packaging/, scripts/.
-FROM_THE_SDIST = ["tests/test_states.py", "tests/test_vmstate1.py", "tests/test_cli_docs.py", "tests/test_units.py"]
+FROM_THE_SDIST = ["tests/test_states.py", "tests/test_vmstate1.py", "tests/test_cli_docs.py", "tests/test_units.py",
+                  "tests/test_guides.py"]  # fmt: skip
 IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis")
 
 
@@ -136,6 +137,9 @@ DEB_FILES = [
     "./usr/share/zsh/vendor-completions/_dbus-vmstate2",
     "./usr/share/doc/dbus-vmstate2/copyright",
     "./usr/share/doc/dbus-vmstate2/README.Debian",
+    "./usr/share/doc/dbus-vmstate2/guide-daemon-author.md.gz",
+    "./usr/share/doc/dbus-vmstate2/guide-vmm-integrator.md.gz",
+    "./usr/share/doc/dbus-vmstate2/guide-operator.md.gz",
 ]
 
 # A package build sees the system's tools only: no virtual environment or
