@@ -142,9 +142,13 @@ DEB_FILES = [
     "./usr/share/doc/dbus-vmstate2/guide-operator.md.gz",
 ]
 
-# A package build sees the system's tools only: no virtual environment or
-# other Python first on PATH (pybuild runs "python3.11 -m build").
-BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root")}
+
+def build_env(home: Path) -> dict[str, str]:
+    """What a package build sees: the system's tools only, with no virtual
+    environment or other Python first on PATH (pybuild runs "python3.11 -m
+    build"), and a home of its own, as a build daemon gives it."""
+    home.mkdir(exist_ok=True)
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": str(home)}
 
 
 @pytest.mark.slow
@@ -152,10 +156,11 @@ BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME":
 def test_the_debian_package_builds_and_holds_the_module_interfaces_and_units(tmp_path):
     tree = copy_project(tmp_path / f"dbus-vmstate2-{VERSION}")
     shutil.copytree(tree / "packaging" / "debian", tree / "debian")
-    missing = subprocess.run(["dpkg-checkbuilddeps"], cwd=tree, env=BUILD_ENV, capture_output=True, text=True, timeout=60)
+    env = build_env(tmp_path / "home")
+    missing = subprocess.run(["dpkg-checkbuilddeps"], cwd=tree, env=env, capture_output=True, text=True, timeout=60)
     if missing.returncode != 0:
         pytest.skip(f"the build dependencies are not installed (scripts/setup.sh installs them): {missing.stderr.strip()}")
-    run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=tree, env=BUILD_ENV, timeout=900)
+    run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=tree, env=env, timeout=900)
     deb = tmp_path / f"dbus-vmstate2_{VERSION}-1_all.deb"
 
     listing = run(["dpkg-deb", "-c", deb]).stdout
