@@ -6,18 +6,24 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# Debian packages: the bus daemon, busctl, stock QEMU (VMState1 interop
-# tests), the zstd command (the benchmark's baseline) and libseccomp (the
-# sandbox test's filter, through pyseccomp).
+# Debian packages: the bus daemon, busctl and systemd-analyze, stock QEMU
+# (VMState1 interop tests), the zstd command (the benchmark's baseline),
+# libseccomp (the sandbox test's filter, through pyseccomp), and what
+# tests/test_packaging.py builds the Debian package with (packaging/debian:
+# its Build-Depends).
 python=${PYTHON:-python3}
 need_apt=()
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 # Debian's own python3 makes virtual environments only with python3-venv.
 "$python" -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v dbus-daemon >/dev/null || need_apt+=(dbus-daemon)
 command -v busctl >/dev/null || need_apt+=(systemd)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v zstd >/dev/null || need_apt+=(zstd)
-dpkg-query -W -f='${Status}' libseccomp2 2>/dev/null | grep -q "ok installed" || need_apt+=(libseccomp2)
+installed libseccomp2 || need_apt+=(libseccomp2)
+for package in dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject python3-setuptools groff-base; do
+    installed "$package" || need_apt+=("$package")
+done
 if ((${#need_apt[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

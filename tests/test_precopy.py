@@ -271,3 +271,24 @@ async def test_a_daemon_without_iterative_support_loads_data_records_only(client
                 await outcome(client, b, number)
             assert not loaded.exists()
         assert await state(client, b) == "running"
+
+
+async def test_cancel_ends_an_idle_pre_copy(two_buses):
+    # Nothing changes, so no round writes anything: the Cancel must still be seen.
+    (src_bus, src), _ = two_buses
+    source = start_memstate(src_bus, "idle", "--size", "1M", "--seed", "9")
+    try:
+        [s] = await list_backends(src)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        number = await start(src, s, "SavePreCopy", w, NONE)
+        data = await asyncio.to_thread(os.read, r, 4 << 20)  # the initial data; the stream then waits for changes
+        assert data
+        await asyncio.sleep(0.3)
+        assert await state(src, s) == "pre-copy"
+        await call(src, s.unique_name, VMSTATE2, "Cancel")
+        with pytest.raises(Cancelled):
+            await outcome(src, s, number, timeout=5)
+        assert await state(src, s) == "running"
+        os.close(r)
+    finally:
+        source.stop()

@@ -4,6 +4,7 @@ from .core import Backend
 from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable
 from .dirty import DirtyStore
 from .inline import InlineMode, inline_capacity
+from .notify import Notifier
 from .threaded import ThreadedBackend
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DirtyStore",
     "InlineMode",
     "LoadCallable",
+    "Notifier",
     "Pending",
     "PreCopyDaemon",
     "SaveCallable",

@@ -118,6 +118,11 @@ class Channel:
                 os.close(fd)
                 setattr(self, name, -1)
 
+    def check(self) -> None:
+        """Raise Cancelled if :meth:`cancel` was called (for a loop that may
+        go on without reading or writing, such as an idle pre-copy)."""
+        self._check()
+
     def _check(self) -> None:
         if self._cancelled:
             raise Cancelled("the transfer was cancelled; the back-end keeps its state")

@@ -41,6 +41,7 @@ from .channel import Channel
 from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable, as_daemon
 from .fdguard import READ, WRITE, FdGuard
 from .inline import InlineMode, decode_inline, encode_inline
+from .notify import Notifier
 from .precopy import PreCopyControl, precopy_stream
 from .records import BytesLike, SaveResult, iter_records, nbytes
 from .transfers import LoadOutcome, Progress, SaveOptions, load_stream, save_stream
@@ -98,6 +99,12 @@ class Backend:
         stall_timeout: how long a transfer may wait for its peer to read or
             write, in seconds (default :data:`STALL_TIMEOUT`), before it ends
             as Cancelled, the state kept; None: no bound.
+        notify: speak systemd's readiness protocol (a ``Type=notify``
+            unit): :meth:`start` connects to ``$NOTIFY_SOCKET`` first and
+            sends ``READY=1`` once the back-end is on the bus, every state
+            change sets the unit's ``STATUS=``, and :meth:`stop` sends
+            ``STOPPING=1``.  Without ``$NOTIFY_SOCKET`` it does nothing.
+            See backend/notify.py.
 
     Raises:
         TypeError: not a daemon, or a load that is a coroutine function.
@@ -114,6 +121,7 @@ class Backend:
         vmstate1: InlineMode | str = InlineMode.STREAM,
         allowed_uids: Iterable[int] | None = None,
         stall_timeout: float | None = STALL_TIMEOUT,
+        notify: bool = False,
     ) -> None:
         self.id = check_id(backend_id)
         self.allowed_uids = default_allowed_uids() if allowed_uids is None else frozenset(allowed_uids)
@@ -123,6 +131,8 @@ class Backend:
         self._address = address
         self._compression = compression
         self._inline_mode = InlineMode(vmstate1)
+        self._notify = notify
+        self._notifier = Notifier(None)
         self._bus: MessageBus | None = None
         self._workers = Workers()
         self._vmstate2 = VMState2Interface(self)
@@ -155,17 +165,35 @@ class Backend:
         own test bus does, still gets VMState1); only a bus that refuses
         every name is an error.
 
+        With ``notify``, the connection to systemd's notification socket is
+        made first, and ``READY=1`` is the last thing start() does.
+
         Raises:
-            OSError, dbus_fast.AuthError, ...: the bus cannot be reached.
+            OSError, dbus_fast.AuthError, ...: the bus cannot be reached,
+                or (``notify``) ``$NOTIFY_SOCKET`` cannot.
+            ValueError: (``notify``) ``$NOTIFY_SOCKET`` is not a path or
+                an abstract socket name.
             PermissionError: the bus's policy refuses every name we need.
             RuntimeError: already started, or a thread cannot be started.
         """
-        await self._workers.start()
+        if self._notify and not self._notifier.enabled:
+            self._notifier = Notifier.from_environment()
         try:
-            self._bus = await self._register()
+            await self._workers.start()
+            try:
+                self._bus = await self._register()
+            except BaseException:
+                self._workers.shutdown()
+                raise
         except BaseException:
-            self._workers.shutdown()
+            self._notifier.close()
             raise
+        self._notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        """The unit's STATUS= line: who we are on the bus, and our state."""
+        name = self._bus.unique_name if self._bus is not None else None
+        return f"back-end {self.id!r} is {name or 'not on the bus'}, {self.state.value}"
 
     async def _register(self) -> MessageBus:
         if self._address is None:
@@ -215,6 +243,7 @@ class Backend:
     async def stop(self) -> None:
         """Cancel a running transfer, leave the bus and let the worker threads
         end; safe to call more than once."""
+        self._notifier.stopping()
         running = self._machine.transfer
         if running is not None and not running.finished:
             self._handle(Event.CANCEL_TRANSFER, number=running.number)
@@ -224,6 +253,7 @@ class Backend:
         if self._bus is not None and self._bus.connected:
             self._bus.disconnect()
             await self._bus.wait_for_disconnect()
+        self._notifier.close()
 
     async def wait_closed(self) -> None:
         """Wait until the bus connection ends (the bus daemon went away, or stop())."""
@@ -257,6 +287,8 @@ class Backend:
         if step.changed:
             log.info("back-end %r: %s -> %s (%s)", self.id, step.before, step.after, event)
             self._vmstate2.state_changed(step.after.value)
+            if self._notifier.enabled:
+                self._notifier.status(self._status_line())
         job = self._job
         for effect in step.effects:
             if effect is Effect.CANCEL and job is not None:

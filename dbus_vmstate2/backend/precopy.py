@@ -135,6 +135,9 @@ def precopy_stream(
         writer.flush()
         control.on_initial_sent()
         while True:
+            # A round with nothing to send writes nothing, so a Cancel would
+            # otherwise never be seen while the daemon is idle.
+            channel.check()
             final = control.final_round()
             started = time.monotonic()
             sent = _send(writer, encoder, daemon.dirty_records(), RecordType.DIRTY)

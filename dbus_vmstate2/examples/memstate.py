@@ -15,10 +15,17 @@ it on any open, socket, exec or new thread (``--sandbox=threads``: new
 threads allowed, for Save's workers option; :mod:`.sandbox`, needs the
 pyseccomp package); the report file is opened before, and the dirtier thread
 started before.  Once registered it prints one line, ``READY <unique bus
-name>``, on standard output.  It runs
-until SIGTERM, SIGINT or the loss of its bus.
+name>``, on standard output, and with ``--notify`` tells systemd it is
+ready (``Type=notify``: packaging/systemd/).  It runs until SIGTERM, SIGINT
+or the loss of its bus.
 
     python -m dbus_vmstate2.examples.memstate --address ADDR --id ID --size 1M --seed 1
+
+It takes the option names libvirt gives its helpers as well:
+``--dbus-address`` (``--address``), ``--dbus-id`` (``--id``), and
+``--dbus-incoming``: a destination's helper.  Then memstate starts with no
+memory and waits for the migrated state: its serving (the ``--dirty-rate``
+writer) begins only once a Load has succeeded.
 
 Its records: DATA records carry the memory as it is, block after block, so
 that a one-shot save is exactly the raw state (as before the store, and as a
@@ -123,6 +130,8 @@ class MemState(DirtyStore):
         super().__init__(record_size=BLOCK_SIZE)
         self._save_loaded = save_loaded
         self._report = report
+        self.loaded = threading.Event()
+        """Set once a load has succeeded."""
         last = BLOCK_SIZE
         for number, block in enumerate(blocks):
             if last != BLOCK_SIZE:
@@ -183,6 +192,7 @@ class MemState(DirtyStore):
                     file.write(block)
         logging.info("loaded %d bytes of state", self.total_bytes)
         self._report_event("loaded")
+        self.loaded.set()
 
     def _report_event(self, event: str) -> None:
         if self._report is None:
@@ -239,7 +249,8 @@ class Dirtier(threading.Thread):
     """Rewrites randomly chosen blocks with new pseudo-random bytes at about ``rate`` bytes a second.
 
     A writer like any other: it blocks while the state is quiesced.  A
-    daemon thread, so it never holds up the exit.
+    daemon thread, so it never holds up the exit.  With ``after``, it
+    begins only once that event is set (``--dbus-incoming``: a load).
     """
 
     TICK = 0.01
@@ -248,9 +259,10 @@ class Dirtier(threading.Thread):
     """New contents are copied from a random pool at a random offset: making
     fresh random bytes costs some 12 ms of CPU per MiB, copying almost nothing."""
 
-    def __init__(self, state: MemState, rate: int, seed: int) -> None:
+    def __init__(self, state: MemState, rate: int, seed: int, after: threading.Event | None = None) -> None:
         super().__init__(name="memstate-dirtier", daemon=True)
         self._state, self._rate, self._rng = state, rate, random.Random(seed)
+        self._after = after
         self._pool = memoryview(self._rng.randbytes(self.POOL + BLOCK_SIZE))
         self._stopping = threading.Event()
         self.rewritten = 0
@@ -260,6 +272,9 @@ class Dirtier(threading.Thread):
         self._stopping.set()
 
     def run(self) -> None:
+        while self._after is not None and not self._after.wait(self.TICK * 10):
+            if self._stopping.is_set():
+                return
         budget, last = 0.0, time.monotonic()
         while not self._stopping.wait(self.TICK):
             now = time.monotonic()
@@ -280,8 +295,13 @@ class Dirtier(threading.Thread):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dbus_vmstate2.examples.memstate", description=__doc__.splitlines()[0])
-    parser.add_argument("--address", help="D-Bus address (default: the session bus)")
-    parser.add_argument("--id", required=True, help="the back-end's Id")
+    # --dbus-address, --dbus-id and --dbus-incoming: the names libvirt gives its helpers' options.
+    parser.add_argument("--address", "--dbus-address", dest="address", help="D-Bus address (default: the session bus)")
+    parser.add_argument("--id", "--dbus-id", dest="id", required=True, help="the back-end's Id")
+    parser.add_argument(
+        "--dbus-incoming", dest="incoming", action="store_true",
+        help="start as a migration's destination: no memory until a Load, and --dirty-rate begins only after it",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--size", type=parse_size, default=0, help="serve this many deterministic bytes")
     source.add_argument("--state-file", type=Path, help="serve exactly the bytes of this file")
@@ -316,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox", nargs="?", const="strict", choices=["strict", "threads"],
         help="after registering, load a seccomp filter that kills the process on open, socket, exec or a new "
         "thread (=threads: new threads allowed, as a Save with workers needs); needs pyseccomp",
+    )
+    parser.add_argument(
+        "--notify", action="store_true",
+        help="tell systemd when it is on the bus (READY=1 to $NOTIFY_SOCKET, for a Type=notify unit) and what it does",
     )
     return parser
 
@@ -401,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sandbox and args.save_loaded is not None:
         parser.error("--save-loaded writes a file, which --sandbox forbids")
+    if args.incoming and (args.size or args.state_file is not None):
+        parser.error("--dbus-incoming starts with no memory: its state comes by Load, not --size or --state-file")
     logging.basicConfig(level=logging.INFO, format=f"memstate[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     if args.state_file is not None:
         blocks = file_blocks(args.state_file)
@@ -408,10 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         blocks = deterministic_blocks(args.size, args.seed)
     report = args.report.open("a") if args.report is not None else None  # now: a sandbox forbids open
     memstate = MemState(blocks, save_loaded=args.save_loaded, report=report)
-    dirtier = Dirtier(memstate, args.dirty_rate, args.seed) if args.dirty_rate else None
+    after = memstate.loaded if args.incoming else None
+    dirtier = Dirtier(memstate, args.dirty_rate, args.seed, after) if args.dirty_rate else None
     if dirtier is not None:
         dirtier.start()
-    options = {"address": args.address, "vmstate1": args.vmstate1, "allowed_uids": args.allow_uid,
+    if args.incoming:
+        logging.info("incoming: waiting for the migrated state (a Load) before serving")
+    options = {"address": args.address, "vmstate1": args.vmstate1, "notify": args.notify, "allowed_uids": args.allow_uid,
                "stall_timeout": args.stall_timeout}
     # A daemon object, or (without iterative support) its save and load callables.
     daemon = (memstate.save, lambda payloads: memstate.load(_as_records(payloads))) if args.one_shot_only else (memstate,)
