@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dbus_vmstate2.fds import enlarge_pipe  # noqa: E402
-from dbus_vmstate2.display import parse_size  # noqa: E402
+from dbus_vmstate2.units import parse_size  # noqa: E402
 from dbus_vmstate2.names import VMSTATE1_SIZE_LIMIT  # noqa: E402
 from dbus_vmstate2.privatebus import PrivateBus  # noqa: E402
 

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 from dbus_fast import Variant
 
 from . import entry
-from .display import StatusLine, duration, live_line, parse_size, progress_line, size
+from .display import StatusLine, live_line, progress_line
+from .units import duration, parse_size, size
 from .errors import StreamError, VMStateError
 from .stream.container import StreamInfo
 from .vmm import (

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..backend import Backend, InlineMode, ThreadedBackend
-from ..display import parse_size
+from ..units import parse_size
 from ..backend.dirty import DirtyStore, Entry
 from ..stream import Record, RecordType
 from .sandbox import apply_kill_filter

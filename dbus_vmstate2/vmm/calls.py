@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from ..errors import BackendFailed, BusLost, from_dbus_error
-from ..names import OBJECT_PATH
+from ..names import OBJECT_PATH, VMSTATE2
 
 BUS_NAME = "org.freedesktop.DBus"
 CALL_TIMEOUT = 30.0
@@ -61,3 +61,32 @@ async def call(
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         raise from_dbus_error(reply.error_name or "", text)
     return reply.body
+
+
+class SignalWatch:
+    """Receives one VMState2 signal of every back-end while an ``async with``
+    block runs (a match rule added on entry, removed on exit); a subclass
+    names it in ``MEMBER`` and handles it in :meth:`on_signal`."""
+
+    MEMBER = ""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._rule = f"type='signal',interface='{VMSTATE2}',member='{self.MEMBER}'"
+
+    async def __aenter__(self) -> Self:
+        self._bus.add_message_handler(self._on_message)
+        await call(self._bus, BUS_NAME, BUS_NAME, "AddMatch", "s", [self._rule], path="/org/freedesktop/DBus")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._bus.remove_message_handler(self._on_message)
+        if self._bus.connected:
+            await call(self._bus, BUS_NAME, BUS_NAME, "RemoveMatch", "s", [self._rule], path="/org/freedesktop/DBus")
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == self.MEMBER:
+            self.on_signal(msg)
+
+    def on_signal(self, msg: Message) -> None:
+        raise NotImplementedError

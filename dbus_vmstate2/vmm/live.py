@@ -30,13 +30,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
 from ..fds import enlarge_pipe
 from ..errors import BackendFailed, NoBackends, StreamError, VMStateError
 from ..names import VMSTATE2
-from .calls import call
+from .calls import SignalWatch, call
 from .discovery import BackendInfo
 from .precopy import (
     AwaitStopCopy,
@@ -60,30 +60,19 @@ TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
 
 
-class _InitialSignals:
+class _InitialSignals(SignalWatch):
     """Notes which back-ends have emitted InitialDataSent."""
 
-    RULE = f"type='signal',interface='{VMSTATE2}',member='InitialDataSent'"
+    MEMBER = "InitialDataSent"
 
     def __init__(self, bus: MessageBus, wake: asyncio.Event) -> None:
-        self._bus = bus
+        super().__init__(bus)
         self._wake = wake
         self.senders: set[str] = set()
 
-    async def __aenter__(self) -> _InitialSignals:
-        self._bus.add_message_handler(self._on_message)
-        await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._bus.remove_message_handler(self._on_message)
-        if self._bus.connected:
-            await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "RemoveMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
-
-    def _on_message(self, msg: Message) -> None:
-        if msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == "InitialDataSent":
-            self.senders.add(msg.sender or "")
-            self._wake.set()
+    def on_signal(self, msg: Message) -> None:
+        self.senders.add(msg.sender or "")
+        self._wake.set()
 
 
 class _Source:

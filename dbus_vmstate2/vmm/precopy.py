@@ -95,6 +95,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..units import size
 from ._precopy_values import (
     AwaitStopCopy,
     BackendStatus,
@@ -687,14 +688,7 @@ def _names(names: Sequence[str]) -> str:
 
 
 def _size(n: float | None) -> str:
-    """Bytes with binary units, as the CLI prints them."""
-    if n is None:
-        return "an unknown amount"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return "an unknown amount" if n is None else size(n)
 
 
 def _rate(n: float | None) -> str:

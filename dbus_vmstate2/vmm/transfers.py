@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
 from ..fds import enlarge_pipe
@@ -49,7 +49,7 @@ from ..errors import (
 )
 from ..names import VMSTATE2
 from ..stream.container import StreamInfo
-from .calls import call
+from .calls import SignalWatch, call
 from .discovery import NOT_VMSTATE2, BackendInfo
 from .pump import CLOSE_TIMEOUT, StreamPump
 from .savefile import SaveFileReader, SaveFileWriter, save_target, verify_streams
@@ -116,29 +116,18 @@ class Outcome:
             raise from_dbus_error(self.error_name, self.message)
 
 
-class FinishedSignals:
+class FinishedSignals(SignalWatch):
     """Records every TransferFinished outcome and wakes the waiters."""
 
-    RULE = f"type='signal',interface='{VMSTATE2}',member='TransferFinished'"
+    MEMBER = "TransferFinished"
 
     def __init__(self, bus: MessageBus) -> None:
-        self._bus = bus
+        super().__init__(bus)
         self._events: dict[str, asyncio.Event] = {}
         self._outcomes: dict[tuple[str, int], Outcome] = {}
 
-    async def __aenter__(self) -> FinishedSignals:
-        self._bus.add_message_handler(self._on_message)
-        await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "AddMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._bus.remove_message_handler(self._on_message)
-        if self._bus.connected:
-            await call(self._bus, "org.freedesktop.DBus", "org.freedesktop.DBus", "RemoveMatch", "s", [self.RULE], path="/org/freedesktop/DBus")
-
-    def _on_message(self, msg: Message) -> None:
-        if (msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == "TransferFinished"
-                and msg.signature == "tsssttt" and msg.sender):  # fmt: skip
+    def on_signal(self, msg: Message) -> None:
+        if msg.signature == "tsssttt" and msg.sender:
             number, _, error_name, message, records, raw_bytes, stream_bytes = msg.body
             self._outcomes[(msg.sender, number)] = Outcome(number, error_name, message, records, raw_bytes, stream_bytes)
             self._event(msg.sender).set()
