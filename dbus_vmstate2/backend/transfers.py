@@ -265,11 +265,15 @@ class _RecordReader:
         while not self.verified:
             event = self._decoder.next_event()
             if event is NEED_DATA:
-                data = self._channel.read()
+                # Exactly what completes the unit (a payload and the next
+                # record's header), into a buffer of its own: one read per
+                # record, and each payload a view of it, never joined.
+                size = self._decoder.read_size()
+                data = self._channel.read_exactly(size)
                 self._progress.stream_bytes += len(data)
                 if data:
                     self._decoder.feed(data)
-                else:
+                if len(data) < size:  # the end of file
                     self._decoder.feed_eof()
             elif isinstance(event, Record):
                 if event.type is not RecordType.DATA and not self._iterative:

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .precopy import PreCopyConfig, PreCopyPlan
     from .savefile import UnusableFile
     from .session import Session, open_session
-    from .transfers import Progress, load_from_file, save_to_file
+    from .loading import StagedLoads, load_from_file
+    from .transfers import Progress, save_to_file
 
 _HOMES = {
     "BackendInfo": ".discovery",
@@ -28,6 +29,7 @@ _HOMES = {
     "Progress": ".transfers",
     "ResetReport": ".control",
     "Session": ".session",
+    "StagedLoads": ".loading",
     "StatusReport": ".control",
     "TransferReport": ".control",
     "UnusableFile": ".savefile",
@@ -35,7 +37,7 @@ _HOMES = {
     "connect": ".discovery",
     "describe": ".discovery",
     "list_backends": ".discovery",
-    "load_from_file": ".transfers",
+    "load_from_file": ".loading",
     "open_session": ".session",
     "reset": ".control",
     "resume": ".control",
