@@ -364,7 +364,7 @@ def _pump_from_file(
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     total = 0
-    for data in reader.stream_chunks(stream, CHUNK):
+    for data in reader.stream_chunks(stream, CHUNK, reuse=True):
         view = memoryview(data)
         while view:
             try:
