@@ -486,7 +486,8 @@ class Backend:
 
         async def work() -> None:
             await self._in_thread(
-                job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative, job.gate
+                job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative,
+                self._workers.submit, job.gate,
             )
 
         # A bug of ours in mid-load may have handed the daemon bad records.
