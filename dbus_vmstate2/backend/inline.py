@@ -128,7 +128,9 @@ def encode_inline(
 
 
 SAMPLES = 4
+"""How many pieces of the state :func:`worth_compressing` compresses."""
 SAMPLE_SIZE = 16 << 10
+"""The size of each piece (64 KiB in all: about 0.05 ms of zstd level 1 on random bytes, 0.2 ms on text)."""
 WORTH_IT = 0.9
 """A state is compressed if its sample compresses to at most this fraction of its size."""
 
