@@ -38,11 +38,12 @@ What a daemon may keep of a payload, without copying it:
   only during the ``load`` call: copy what you keep beyond it.
 
 Test for ``bytes`` rather than rely on what a payload happens to be.
-Today's decoder (stream/decoder.py) gives: for a zstd record, a view of the
-whole ``bytes`` it decompressed into; for an uncompressed record, a view of
-the ``bytes`` the library read from the fd (a slice of one read, or, for a
-record that straddled reads, a ``bytes`` joined for it and viewed whole).
-examples/memstate.py keeps whole ``bytes`` payloads and copies the rest once.
+Today a VMState2 load gives: for a zstd record, a view of the whole
+``bytes`` it decompressed into; for an uncompressed record, a read-only view
+of the buffer the record was read into (with the next record's header: one
+read per record, no copy), which is not ``bytes``: copy it.  A VMState1
+blob's records are views of the blob, a ``bytes``.  examples/memstate.py
+keeps whole ``bytes`` payloads and copies the rest once.
 """
 
 from __future__ import annotations
