@@ -31,7 +31,7 @@ from typing import Any
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
-from ..errors import BackendFailed, InvalidState, Unsupported, VMStateError
+from ..errors import BackendFailed, InvalidState, Unsupported, VMStateError, quote_some
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
 from ..states import Effect, Event, Machine, State, Step, Transfer
 from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression, RecordType
@@ -421,7 +421,7 @@ class Backend:
 
         def parse() -> None:
             if options:
-                raise Unsupported(f"Load takes no options yet, got: {', '.join(sorted(options))}")
+                raise Unsupported(f"Load takes no options yet, got: {quote_some(options)}")
 
         return self._start(Event.LOAD, fd, parse, self._run_load)
 
