@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.names import VMSTATE1, VMSTATE2
 
 from .as_user import NOBODY, call_as
-from .conftest import count_fds, start_memstate
+from .conftest import ROOT, count_fds, start_memstate
 from .test_file_targets import transfers_seen
 from .test_units import BUS_CONF, BUS_UNIT, SYSTEM_BUS_CONF, system_like_bus, unit_settings
 from .test_vmm import backend_state, cli
@@ -139,3 +140,57 @@ def test_who_may_own_the_names(policy_bus, request):
         assert (asked.returncode, asked.stderr) == (1, "Call failed: Access denied\n")
     else:
         assert (asked.returncode, asked.stdout) == (0, "u 1\n"), asked.stderr
+
+
+OVERSIZED_CALL = """
+import asyncio, sys
+from dbus_fast import Message
+from dbus_vmstate2.vmm import connect
+
+async def main():
+    bus = await connect(sys.argv[1])
+    try:
+        reply = await bus.call(Message(destination=sys.argv[2], path="/org/qemu/VMState1", interface="org.qemu.VMState1",
+                                       member="Load", signature="ay", body=[bytes(int(sys.argv[3]))]))
+        print(reply.message_type.name, reply.error_name)
+    except (ConnectionError, EOFError) as exc:
+        print("disconnected", type(exc).__name__)
+
+asyncio.run(main())
+"""
+
+
+def test_the_private_bus_carries_a_vmstate1_blob_and_nothing_much_larger(tmp_path):
+    """dbus-vmstate2-bus.conf caps a message at 2 MiB: QEMU's 1 MiB VMState1
+    blob passes both ways, and a larger message costs the back-end nothing:
+    the bus drops its sender before the back-end sees a byte of it."""
+    directory = reachable_directory()
+    daemon, address = vm_bus(directory)
+    backend = start_memstate(address, "net", "--size", "1M", "--seed", "3", "--vmstate1", "legacy",
+                             "--save-loaded", str(tmp_path / "loaded"))  # fmt: skip
+    try:
+        blob = subprocess.run(["busctl", f"--address={address}", "--json=short", "call", backend.unique_name,
+                               "/org/qemu/VMState1", VMSTATE1, "Save"], capture_output=True, text=True, check=True)  # fmt: skip
+        assert len(blob.stdout) > 1 << 20  # the whole 1 MiB blob came back
+        peak = peak_kib(backend.process.pid)
+
+        def load(size: int) -> str:
+            done = subprocess.run([sys.executable, "-c", OVERSIZED_CALL, address, backend.unique_name, str(size)],
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        assert load(1 << 20) == "METHOD_RETURN None"  # a blob of QEMU's largest size is loaded
+        assert (tmp_path / "loaded").read_bytes() == bytes(1 << 20)
+        assert load(3 << 20).startswith("disconnected")
+        assert backend_state(address, backend) == "running"
+        assert peak_kib(backend.process.pid) - peak < 8 << 10  # the 1 MiB load's copies, not 3 MiB's
+    finally:
+        assert backend.stop() == 0
+        stop(daemon)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def peak_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
