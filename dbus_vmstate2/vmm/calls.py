@@ -51,12 +51,22 @@ async def call(
         body=list(body),
         unix_fds=list(unix_fds),
     )
+    if not bus.connected:
+        raise BusLost(f"the connection to the bus was lost (the bus daemon went away?) before {interface}.{member}")
     try:
         reply = await asyncio.wait_for(bus.call(message), timeout)
     except TimeoutError:
         raise BackendFailed(f"{destination} did not answer {interface}.{member} within {timeout:g} s") from None
-    except (EOFError, ConnectionError) as exc:
-        raise BusLost(f"the bus connection ended during {interface}.{member}: {exc or type(exc).__name__}") from exc
+    except (EOFError, OSError) as exc:
+        # Once the bus daemon is gone dbus-fast closes the socket, and a call
+        # that was already on its way fails on the closed fd (EBADF), not
+        # with a ConnectionError.
+        if bus.connected and not isinstance(exc, ConnectionError):
+            raise
+        raise BusLost(
+            f"the connection to the bus was lost (the bus daemon went away?) during {interface}.{member}: "
+            f"{exc or type(exc).__name__}"
+        ) from exc
     if reply.message_type is MessageType.ERROR:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         raise from_dbus_error(reply.error_name or "", text)
