@@ -10,7 +10,9 @@ What a user gets:
   rejoin a bus (it opens no socket once sandboxed), ``wait_closed()``
   returns and memstate exits 0;
 * the bus daemon stopped, then continued: nothing is lost; the data never
-  went through the bus, and the command completes once it answers again;
+  went through the bus, and the command completes once it answers again
+  (a bus stopped for longer than a call's 30 s fails the command, naming
+  the call);
 * the helper stopped, then continued: it completes if it was stopped for
   less than the back-ends' stall timeout; beyond that each back-end ends
   its transfer itself, keeping its state, and the command fails with the
@@ -195,6 +197,27 @@ def test_the_bus_stopped_then_continued_in_mid_transfer(bus, backends, tmp_path,
     assert not temp_files(tmp_path)
     assert backend_state(bus.address, big) == "running"
     wait_for(lambda: count_fds(big.process.pid) == fds, "the back-end's fds to be closed", timeout=10)
+    no_zombies(big.process.pid)
+
+
+def test_the_bus_stopped_for_longer_than_the_call_timeout(bus, backends, tmp_path, capsys):
+    """A bus that stops answering fails the save once a call's 30 s are up,
+    with the call that went unanswered (not the tidying up after it)."""
+    big = backends("big", "--size", str(BIG), "--seed", "2")
+    image = tmp_path / "vm.vmstate"
+    saver = command(bus.address, "save", str(image), *SLOW_SAVE)
+    wait_for(lambda: backend_state(bus.address, big) == "saving", "the save to start")
+    os.kill(bus.pid, signal.SIGSTOP)
+    try:
+        code, err = finish(saver, 90)
+    finally:
+        os.kill(bus.pid, signal.SIGCONT)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "back-end 'big'" in err and "did not answer org.qemu.VMState2.Check within 30 s" in err, err
+    assert not image.exists() and not temp_files(tmp_path)
+    wait_for(lambda: backend_state(bus.address, big) == "running", "the back-end to serve on")
+    assert main(["save", str(image), "--address", bus.address]) == 0
+    assert saved_sizes(image, capsys) == {"big": BIG}
     no_zombies(big.process.pid)
 
 

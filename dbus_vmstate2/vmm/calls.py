@@ -9,7 +9,7 @@ from typing import Any, Self
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..errors import BackendFailed, BusLost, from_dbus_error
+from ..errors import BackendFailed, BusLost, VMStateError, from_dbus_error
 from ..names import OBJECT_PATH, VMSTATE2
 
 BUS_NAME = "org.freedesktop.DBus"
@@ -17,6 +17,8 @@ CALL_TIMEOUT = 30.0
 """Seconds to wait for a reply: every VMState method answers at once (the
 work runs after the reply), so only a hung or stopped peer takes longer."""
 PROPERTIES = "org.freedesktop.DBus.Properties"
+CLEANUP_TIMEOUT = 5.0
+"""Seconds for a call that only tidies up after a failure."""
 
 
 async def call(
@@ -91,8 +93,17 @@ class SignalWatch:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._bus.remove_message_handler(self._on_message)
-        if self._bus.connected:
-            await call(self._bus, BUS_NAME, BUS_NAME, "RemoveMatch", "s", [self._rule], path="/org/freedesktop/DBus")
+        if not self._bus.connected:
+            return
+        try:
+            await call(self._bus, BUS_NAME, BUS_NAME, "RemoveMatch", "s", [self._rule], path="/org/freedesktop/DBus",
+                       timeout=CALL_TIMEOUT if exc_info[0] is None else CLEANUP_TIMEOUT)  # fmt: skip
+        except VMStateError:
+            # Already failing (a bus that stopped answering, say): that error
+            # is the one to report, and a rule left behind goes with the
+            # connection.
+            if exc_info[0] is None:
+                raise
 
     def _on_message(self, msg: Message) -> None:
         if msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == self.MEMBER:
