@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from dbus_fast import Message, MessageType
@@ -22,7 +23,7 @@ NOBODY = 65534
 
 
 def call_as(user: int, address: str, destination: str, interface: str, member: str,
-            signature: str = "", body: list[Any] | None = None, fds: list[int] = ()) -> tuple[str, str]:  # fmt: skip
+            signature: str = "", body: list[Any] | None = None, fds: Sequence[int] = ()) -> tuple[str, str]:  # fmt: skip
     """Call ``member`` as ``user``; return ``(error name, its message)``, both
     empty for a method return.  ``fds`` go with the call (an ``h`` argument
     names them by index)."""

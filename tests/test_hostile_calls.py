@@ -17,7 +17,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import pytest
@@ -62,7 +62,7 @@ class Caller:
         self.destination = destination
 
     def call(self, interface: str | None, member: str, signature: str = "", body: list | None = None,
-             fds: list[int] = ()) -> Message:  # fmt: skip
+             fds: Sequence[int] = ()) -> Message:  # fmt: skip
         message = Message(destination=self.destination, path=OBJECT_PATH, interface=interface, member=member,
                           signature=signature, body=body or [], unix_fds=list(fds))  # fmt: skip
         return self.loop.run_until_complete(asyncio.wait_for(self.bus.call(message), 30))
