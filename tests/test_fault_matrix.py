@@ -50,6 +50,8 @@ ENV = {**os.environ, "PYTHONWARNINGS": "error"}
 BIG = 128 << 20
 SLOW_SAVE = ["--compression", "zstd", "--level", "15"]
 """About 3 s for BIG here: time to hit the middle of the save."""
+LIVE_SAVE = ["--live", "--resume", "--compression", "none", "--max-bandwidth", "32M"]
+"""A pre-copy of about 4 s for BIG, then the switch-over and the back-ends resumed."""
 
 
 @pytest.fixture
@@ -129,11 +131,12 @@ def stopped_for(pid: int, seconds: float) -> None:
 # the bus daemon ---------------------------------------------------------------------
 
 
-def test_the_bus_killed_in_mid_save(bus, backends, tmp_path):
+@pytest.mark.parametrize("how, busy", [(SLOW_SAVE, "saving"), (LIVE_SAVE, "pre-copy")], ids=["one-shot", "live"])
+def test_the_bus_killed_in_mid_save(bus, backends, tmp_path, how, busy):
     small, big = backends("small", "--size", "1M", "--seed", "1"), backends("big", "--size", str(BIG), "--seed", "2")
     image = tmp_path / "vm.vmstate"
-    saver = command(bus.address, "save", str(image), *SLOW_SAVE)
-    wait_for(lambda: backend_state(bus.address, big) == "saving", "the save to start")
+    saver = command(bus.address, "save", str(image), *how)
+    wait_for(lambda: backend_state(bus.address, big) == busy, "the save to start")
     started = time.monotonic()
     os.kill(bus.pid, signal.SIGKILL)
     code, err = finish(saver, 60)
@@ -224,7 +227,7 @@ def test_the_bus_stopped_for_longer_than_the_call_timeout(bus, backends, tmp_pat
 # the VMM helper ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("operation", ["save", "load"])
+@pytest.mark.parametrize("operation", ["save", "live save", "load"])
 @pytest.mark.parametrize("pause, completes", [(1, True), (6, False)])
 def test_the_helper_stopped_then_continued_in_mid_transfer(bus, backends, tmp_path, capsys, operation, pause, completes):
     """The back-ends' stall timeout is 3 s: a helper stopped for 1 s finishes
@@ -232,11 +235,12 @@ def test_the_helper_stopped_then_continued_in_mid_transfer(bus, backends, tmp_pa
     image = tmp_path / "vm.vmstate"
     loaded = tmp_path / "big.loaded"
     stall = ("--stall-timeout", "3")
-    if operation == "save":
+    if operation != "load":
         small = backends("small", "--size", "1M", "--seed", "1", *stall)
         big = backends("big", "--size", str(BIG), "--seed", "2", *stall)
-        helper = command(bus.address, "save", str(image), *SLOW_SAVE)
-        busy = "saving"
+        live = operation == "live save"
+        helper = command(bus.address, "save", str(image), *(LIVE_SAVE if live else SLOW_SAVE))
+        busy = "pre-copy" if live else "saving"
     else:
         source = backends("big", "--size", str(2 * BIG), "--seed", "2")
         assert main(["save", str(image), "--compression", "none", "--address", bus.address]) == 0
@@ -250,7 +254,7 @@ def test_the_helper_stopped_then_continued_in_mid_transfer(bus, backends, tmp_pa
     code, err = finish(helper, 60)
     if completes:
         assert code == 0, err
-        if operation == "save":
+        if operation != "load":
             assert saved_sizes(image, capsys) == {"small": 1 << 20, "big": BIG}
         else:
             assert loaded.read_bytes() == deterministic_state(2 * BIG, 2)
@@ -260,12 +264,12 @@ def test_the_helper_stopped_then_continued_in_mid_transfer(bus, backends, tmp_pa
         assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
         assert re.search(r"back-end '(small|big)': nothing was (read|written) on the other end for 3 s", err), err
         assert not loaded.exists()
-        if operation == "save":
+        if operation != "load":
             assert not image.exists()
     assert not temp_files(tmp_path)
     wait_for(lambda: backend_state(bus.address, big) == "running", "the back-end to serve on")
     wait_for(lambda: count_fds(big.process.pid) == fds, "the back-end's fds to be closed", timeout=10)
-    if operation == "save":
+    if operation != "load":
         # Whatever happened, the source's state is whole.
         assert main(["save", str(tmp_path / "again.vmstate"), "--address", bus.address]) == 0
         assert saved_sizes(tmp_path / "again.vmstate", capsys) == {"small": 1 << 20, "big": BIG}
