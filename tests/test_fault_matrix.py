@@ -8,7 +8,7 @@ What a user gets:
   saying the bus went away (exit 1), leaves no file; each back-end's
   transfer ends with its state untouched, and since a back-end cannot
   rejoin a bus (it opens no socket once sandboxed), ``wait_closed()``
-  returns and memstate exits 0;
+  returns and memstate exits 0; one left ``stopped`` stays quiesced;
 * the bus daemon stopped, then continued: nothing is lost; the data never
   went through the bus, and the command completes once it answers again
   (a bus stopped for longer than a call's 30 s fails the command, naming
@@ -25,6 +25,7 @@ After each: no zombie, no fd leaked by a back-end that lives on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from dbus_vmstate2.backend import Backend, DirtyStore
 from dbus_vmstate2.cli import main
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.privatebus import PrivateBus
@@ -222,6 +224,29 @@ def test_the_bus_stopped_for_longer_than_the_call_timeout(bus, backends, tmp_pat
     assert main(["save", str(image), "--address", bus.address]) == 0
     assert saved_sizes(image, capsys) == {"big": BIG}
     no_zombies(big.process.pid)
+
+
+async def test_the_bus_killed_while_a_backend_is_stopped_leaves_it_quiesced(bus, tmp_path):
+    """After a live save without --resume (or a migration's switch-over) a
+    back-end is ``stopped``: its daemon quiesced until a Resume.  If the bus
+    dies then, the library does not resume it on its own (two daemons could
+    then serve the same device, as two QEMUs the same VM): it stays
+    ``stopped``, and the daemon, back from ``wait_closed()``, decides."""
+    store = DirtyStore()
+    store.put(b"inode:1", b"x" * 4096)
+    async with Backend("fs", store, address=bus.address) as backend:
+        saver = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dbus_vmstate2", "save", str(tmp_path / "vm.vmstate"), "--live", "--address",
+            bus.address, cwd=ROOT, env=ENV, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await saver.wait() == 0
+        assert (backend.state, store.quiesced) == ("stopped", True)
+        os.kill(bus.pid, signal.SIGKILL)
+        await asyncio.wait_for(backend.wait_closed(), 30)
+        assert (backend.state, store.quiesced) == ("stopped", True)
+    assert store.quiesced  # stop() leaves it so too
+    store.resume()  # the daemon's own call
+    store.put(b"inode:2", b"y")
 
 
 # the VMM helper ---------------------------------------------------------------------
