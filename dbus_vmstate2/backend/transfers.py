@@ -16,7 +16,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import BackendFailed, Malformed, Unsupported, VMStateError
+from ..errors import BackendFailed, Malformed, Unsupported, VMStateError, quote, quote_some
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
 from ..stream._format import MAX_LEVEL, MIN_LEVEL
 from .channel import Channel
@@ -66,7 +66,7 @@ class SaveOptions:
         """
         unknown = set(options) - set(cls.TYPES)
         if unknown:
-            raise Unsupported(f"unknown Save options: {', '.join(sorted(unknown))} (known: compression, level, workers)")
+            raise Unsupported(f"unknown Save options: {quote_some(unknown)} (known: compression, level, workers)")
         for name, variant in options.items():
             if variant.signature != cls.TYPES[name]:
                 raise Unsupported(
@@ -81,7 +81,7 @@ class SaveOptions:
                 values["compression"] = None
             if values["compression"] is None:
                 known = ", ".join(c.name.lower() for c in Compression)
-                raise Unsupported(f"unknown compression {name!r} (known: {known})")
+                raise Unsupported(f"unknown compression {quote(str(name))} (known: {known})")
         if not MIN_LEVEL <= values.get("level", MIN_LEVEL) <= MAX_LEVEL:  # checked with either compression
             raise Unsupported(f"the Save option level must be {MIN_LEVEL}..{MAX_LEVEL}, got {values['level']}")
         options = cls(**values)

@@ -37,6 +37,7 @@ from dbus_fast.aio import MessageBus
 from ..fds import enlarge_pipe
 from ..errors import (
     BackendFailed,
+    BusLost,
     Cancelled,
     ErrorName,
     NoBackends,
@@ -457,7 +458,7 @@ async def _reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(outcome), 5.0)
     except VMStateError as reported:
-        if reported.remote_name in set(ErrorName):
+        if reported.remote_name in set(ErrorName) or isinstance(reported, BusLost):  # the bus died: say so
             raise
     except TimeoutError:
         pass
