@@ -185,12 +185,14 @@ class MemState(DirtyStore):
         self._report_event("quiesced")
 
     def load(self, records: Iterator[Record]) -> None:
+        previous = self.total_bytes
         super().load(records)
         if self._save_loaded is not None:
             with self._save_loaded.open("wb") as file:
                 for block in self.blocks():
                     file.write(block)
-        give_back_memory()  # the previous memory, freed all over the heap
+        if previous >= TRIM_AFTER:  # the previous memory, freed all over the heap
+            give_back_memory()
         logging.info("loaded %d bytes of state", self.total_bytes)
         self._report_event("loaded")
         self.loaded.set()
@@ -378,6 +380,11 @@ def _sandbox(mode: str) -> None:
     logging.info("sandboxed: open, socket, exec%s now kill this process", "" if mode == "threads" else " and new threads")
 
 
+TRIM_AFTER = 64 << 20
+"""A load that replaced at least this much memory trims the heap (a trim
+costs milliseconds: a VMState1 Load of 1 MiB must not pay it)."""
+
+
 def give_back_memory() -> None:
     """Return the free memory of glibc's heap to the kernel (``malloc_trim``).
 
@@ -386,8 +393,9 @@ def give_back_memory() -> None:
     makes a load fast (mapping each afresh, and faulting in its pages, took
     half of a load's time).  But blocks freed in the middle of the heap stay
     resident: a load frees the whole previous memory, and the dirtier frees a
-    block for each it writes.  So memstate trims the heap after each load and
-    every :data:`Dirtier.TRIM_EVERY` bytes the dirtier writes (a few
+    block for each it writes.  So memstate trims the heap after a load that
+    replaced :data:`TRIM_AFTER` bytes or more, and every
+    :data:`Dirtier.TRIM_EVERY` bytes the dirtier writes (a few
     milliseconds each).  Not glibc: nothing.
     """
     if _malloc_trim is not None:
