@@ -25,12 +25,14 @@ ours           VFIO                        meaning
 ``stop-copy``  STOP_COPY                   quiesced; the rest is written
 ``stopped``    STOP                        quiesced, state frozen, until Resume
 ``resuming``   RESUMING                    a Load is streaming; applied on success
+``staged``     RESUMING                    a two-phase Load verified; held until Commit
 ``error``      ERROR                       the daemon's load broke; only Reset
 =============  ==========================  =======================================
 
 A failed or cancelled transfer never changes the daemon's state: a save only
 reads it (and a failed stop-copy resumes the daemon), a load is staged and
-committed only once the stream has verified.  The one way into ``error`` is
+committed only once the stream has verified (and, for a two-phase load,
+once the VMM said Commit).  The one way into ``error`` is
 a load callable of the daemon that fails after it may have applied records.
 """
 
@@ -51,6 +53,7 @@ class State(enum.StrEnum):
     STOP_COPY = "stop-copy"
     STOPPED = "stopped"
     RESUMING = "resuming"
+    STAGED = "staged"
     ERROR = "error"
 
 
@@ -67,12 +70,16 @@ class Event(enum.StrEnum):
     """Let a quiesced daemon serve again."""
     LOAD = "Load"
     """Start loading a stream."""
+    COMMIT = "Commit"
+    """Apply a two-phase load that is staged."""
     CANCEL = "Cancel"
     """Stop the running transfer, if the caller started it."""
     CANCEL_TRANSFER = "CancelTransfer"
     """Stop the running transfer, if it has the number given."""
     RESET = "Reset"
     """Return to ``running`` (the only way out of ``error``)."""
+    STAGED = "staged"
+    """A two-phase load's whole stream verified; it waits for Commit."""
     SUCCEEDED = "succeeded"
     """The transfer finished and verified."""
     FAILED = "failed"
@@ -81,7 +88,7 @@ class Event(enum.StrEnum):
     """The daemon's load callable failed; its state is not known to be good."""
 
 
-OUTCOMES = frozenset({Event.SUCCEEDED, Event.FAILED, Event.LOAD_BROKE})
+OUTCOMES = frozenset({Event.STAGED, Event.SUCCEEDED, Event.FAILED, Event.LOAD_BROKE})
 
 
 class Effect(enum.StrEnum):
@@ -91,6 +98,8 @@ class Effect(enum.StrEnum):
     START_PRE_COPY = "start an iterative save"
     START_LOAD = "start a load"
     STOP_COPY = "quiesce the daemon and finish the save"
+    ANNOUNCE_STAGED = "announce the staged load"
+    COMMIT = "let the daemon apply the staged load"
     CANCEL = "cancel the running transfer"
     RESUME_DAEMON = "resume the daemon"
     FINISHED = "report the transfer's outcome"
@@ -163,7 +172,13 @@ TRANSITIONS: dict[State, dict[Event, Arc]] = {
         **_idle(State.STOPPED),
     },
     State.RESUMING: _transferring(State.RESUMING, {
+        Event.STAGED: Arc(State.STAGED, (Effect.ANNOUNCE_STAGED,)),
         Event.SUCCEEDED: Arc(State.RUNNING, (Effect.FINISHED,)),
+        Event.FAILED: Arc(State.RUNNING, (Effect.FINISHED,)),
+        Event.LOAD_BROKE: Arc(State.ERROR, (Effect.FINISHED,)),
+    }),
+    State.STAGED: _transferring(State.STAGED, {
+        Event.COMMIT: Arc(State.RESUMING, (Effect.COMMIT,), Guard.NUMBER_OR_REFUSE),
         Event.FAILED: Arc(State.RUNNING, (Effect.FINISHED,)),
         Event.LOAD_BROKE: Arc(State.ERROR, (Effect.FINISHED,)),
     }),
@@ -305,6 +320,10 @@ def markdown_table() -> str:
         "`stop-copy` returns to `running` with the daemon resumed and its state",
         "untouched, as QEMU's recovery to RUNNING does. The destination is `resuming`",
         "(RESUMING) until its whole stream verified; only then does the daemon commit.",
+        "A two-phase load (Load's option `commit` `explicit`) waits in `staged` (still",
+        "VFIO's RESUMING: nothing applied yet) until Commit, so that a VMM can apply",
+        "several back-ends' loads all or nothing; Cancel, a commit timeout or the loss of",
+        "the VMM's connection discards it.",
         "",
         "| state | VFIO | event | next state | effects | applies |",
         "|---|---|---|---|---|---|",
@@ -324,6 +343,7 @@ VFIO_STATES = {
     State.STOP_COPY: "STOP_COPY",
     State.STOPPED: "STOP",
     State.RESUMING: "RESUMING",
+    State.STAGED: "RESUMING",
     State.ERROR: "ERROR",
 }
 """The VFIO migration v2 state each of ours corresponds to."""

@@ -23,6 +23,7 @@ def machine_in(state: State) -> Machine:
         State.STOP_COPY: [Event.PRE_COPY, Event.STOP_COPY],
         State.STOPPED: [Event.PRE_COPY, Event.STOP_COPY, Event.SUCCEEDED],
         State.RESUMING: [Event.LOAD],
+        State.STAGED: [Event.LOAD, Event.STAGED],
         State.ERROR: [Event.LOAD, Event.LOAD_BROKE],
     }[state]
     for event in path:
@@ -57,7 +58,7 @@ def test_every_state_has_a_row_and_is_reachable():
 
 
 def test_a_second_transfer_is_busy_in_every_transferring_state():
-    for state in (State.SAVING, State.PRE_COPY, State.STOP_COPY, State.RESUMING):
+    for state in (State.SAVING, State.PRE_COPY, State.STOP_COPY, State.RESUMING, State.STAGED):
         for start in STARTS:
             assert TRANSITIONS[state][start].refusal is Busy
 
@@ -72,7 +73,9 @@ def test_no_failure_touches_the_daemons_state():
     into_error = [
         s for s, arcs in TRANSITIONS.items() if s is not State.ERROR and any(a.target is State.ERROR for a in arcs.values())
     ]
-    assert into_error == [State.RESUMING]
+    # A daemon that swallows the discard of its staged load and returns may
+    # have applied it: that is its load code failing, as in resuming.
+    assert into_error == [State.RESUMING, State.STAGED]
     assert {e for e, a in TRANSITIONS[State.ERROR].items() if a.target is State.RUNNING} == {Event.RESET}
 
 
@@ -120,6 +123,29 @@ def test_cancel_applies_only_to_the_callers_own_transfer():
     assert m.handle(Event.CANCEL, 4.0, caller=":1.5").effects == ()  # safe to repeat
 
 
+def test_a_two_phase_load_is_applied_only_on_commit_of_its_own_number():
+    m = machine_in(State.RESUMING)
+    number = m.transfer.number
+    step = m.handle(Event.STAGED, 2.0)
+    assert (step.after, step.effects) == (State.STAGED, (Effect.ANNOUNCE_STAGED,))
+    assert not m.transfer.finished  # staged is still the load's transfer: Busy for a second one
+    with pytest.raises(InvalidState, match="not the running transfer"):
+        m.handle(Event.COMMIT, 3.0, number=number + 1)
+    assert m.state is State.STAGED
+    step = m.handle(Event.COMMIT, 3.0, number=number)
+    assert (step.after, step.effects) == (State.RESUMING, (Effect.COMMIT,))
+    with pytest.raises(InvalidState):
+        m.handle(Event.COMMIT, 3.5, number=number)  # once: the daemon is applying it
+    assert m.handle(Event.SUCCEEDED, 4.0).after is State.RUNNING
+
+
+def test_a_staged_load_discarded_leaves_the_daemons_state():
+    for event, caller, number in ((Event.CANCEL, ":1.1", None), (Event.CANCEL_TRANSFER, ":1.7", 1)):
+        m = machine_in(State.STAGED)
+        assert m.handle(event, 2.0, caller=caller, number=number).effects == (Effect.CANCEL,)
+        assert m.handle(Event.FAILED, 2.5, error=Cancelled("discarded")).after is State.RUNNING
+
+
 def test_stop_copy_names_the_running_transfer():
     m = Machine()
     number = m.handle(Event.PRE_COPY, 1.0, caller=":1.5").transfer.number
@@ -133,7 +159,7 @@ def test_stop_copy_names_the_running_transfer():
 
 def test_guards_are_in_the_table():
     guarded = {(s, e): a.guard for s, arcs in TRANSITIONS.items() for e, a in arcs.items() if a.guard is not Guard.NONE}
-    assert {e for _, e in guarded} == {Event.CANCEL, Event.CANCEL_TRANSFER, Event.STOP_COPY}
+    assert {e for _, e in guarded} == {Event.CANCEL, Event.CANCEL_TRANSFER, Event.STOP_COPY, Event.COMMIT}
 
 
 def test_docs_are_generated_from_the_table():

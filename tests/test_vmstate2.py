@@ -71,10 +71,10 @@ async def save_bytes(client, backend, options=None) -> bytes:
     return data
 
 
-async def load_bytes(client, backend, data: bytes) -> int:
+async def load_bytes(client, backend, data: bytes, options=None) -> int:
     """Start a Load and feed it ``data`` through a pipe; return the transfer number."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    number = await start(client, backend, "Load", r)
+    number = await start(client, backend, "Load", r, options)
 
     def feed() -> None:
         try:

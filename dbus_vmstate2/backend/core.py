@@ -44,6 +44,7 @@ from .inline import InlineMode, decode_inline, encode_inline
 from .notify import Notifier
 from .precopy import PreCopyControl, precopy_stream
 from .records import BytesLike, SaveResult, iter_records, nbytes
+from .staging import LoadOptions, OwnerWatch, StagedGate
 from .transfers import LoadOutcome, Progress, SaveOptions, load_stream, save_stream
 from .vmstate1 import VMState1Interface
 from .vmstate2 import VMState2Interface
@@ -54,7 +55,8 @@ STALL_TIMEOUT = 60.0
 """Seconds a transfer may wait for a peer that neither reads nor writes."""
 
 GUARDED_MEMBERS = {
-    "Save", "SavePreCopy", "StopCopy", "Resume", "Pending", "Load", "Check", "Cancel", "CancelTransfer", "Reset",
+    "Save", "SavePreCopy", "StopCopy", "Resume", "Pending", "Load", "Commit", "Check", "Cancel", "CancelTransfer",
+    "Reset",
 }
 """The methods of both interfaces, for a call that names no interface."""
 
@@ -68,6 +70,10 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     control: PreCopyControl | None = None
     """An iterative save's link to its worker thread."""
+    gate: StagedGate | None = None
+    """A two-phase load's link to its worker thread."""
+    owner_watch: OwnerWatch | None = None
+    """Watches, while a two-phase load is staged, for its VMM leaving the bus."""
 
 
 class Backend:
@@ -297,6 +303,12 @@ class Backend:
                     job.channel.cancel()
                 if job.control is not None:
                     job.control.wake()
+                if job.gate is not None:
+                    job.gate.discard()
+            elif effect is Effect.ANNOUNCE_STAGED and job is not None:
+                self._announce_staged(job)
+            elif effect is Effect.COMMIT and job is not None and job.gate is not None:
+                job.gate.commit()
             elif effect is Effect.STOP_COPY and job is not None and job.control is not None:
                 job.control.request_stop_copy(self._workers.submit, self._daemon)
             elif effect is Effect.RESUME_DAEMON:
@@ -314,7 +326,23 @@ class Backend:
         except Exception as exc:
             log_exception(f"back-end {self.id!r}: the daemon's resume() raised; it may still be quiesced", exc)
 
+    def _announce_staged(self, job: Job) -> None:
+        log.info("back-end %r: load #%d verified and staged, waiting for Commit", self.id, job.transfer.number)
+        self._vmstate2.LoadStaged(job.transfer.number)
+        if self._bus is not None and job.transfer.owner:
+            job.owner_watch = OwnerWatch(self._bus, job.transfer.owner, lambda: self._owner_gone(job))
+            self._spawn(job.owner_watch.start())
+
+    def _owner_gone(self, job: Job) -> None:
+        if job is self._job and self.state is State.STAGED and job.gate is not None:
+            log.warning("back-end %r: the VMM of staged load #%d (%s) left the bus", self.id, job.transfer.number,
+                        job.transfer.owner)  # fmt: skip
+            job.gate.discard(f"the VMM that started it ({job.transfer.owner}) left the bus before Commit")
+            self._handle(Event.CANCEL_TRANSFER, number=job.transfer.number)
+
     def _finished(self, job: Job) -> None:
+        if job.owner_watch is not None:
+            self._spawn(job.owner_watch.stop())
         if job.channel is not None:
             job.channel.close()
         transfer, progress, error = job.transfer, job.progress, job.transfer.error
@@ -385,6 +413,8 @@ class Backend:
                 job.channel.cancel()
             if job.control is not None:
                 job.control.wake()
+            if job.gate is not None:
+                job.gate.discard("the back-end is stopping")
             await asyncio.wait({future})
             raise
 
@@ -397,6 +427,7 @@ class Backend:
             "max-record-size": Variant("t", MAX_RECORD_SIZE),
             "inline-size-limit": Variant("t", VMSTATE1_SIZE_LIMIT),
             "pre-copy": Variant("b", self._iterative),
+            "two-phase-load": Variant("b", True),
             "vmstate1": Variant("s", self._inline_mode.value),
         }
 
@@ -418,12 +449,7 @@ class Backend:
 
     def start_load(self, fd: int, options: dict[str, Variant]) -> int:
         """Load: start reading a stream from ``fd``, which we now own."""
-
-        def parse() -> None:
-            if options:
-                raise Unsupported(f"Load takes no options yet, got: {', '.join(sorted(options))}")
-
-        return self._start(Event.LOAD, fd, parse, self._run_load)
+        return self._start(Event.LOAD, fd, lambda: LoadOptions.from_dbus(options), self._run_load)
 
     async def _run_save(self, job: Job, options: SaveOptions) -> None:
         async def work() -> None:
@@ -449,12 +475,30 @@ class Backend:
 
         await self._run(job, work, on_bug=Event.FAILED)
 
-    async def _run_load(self, job: Job, options: None) -> None:
+    async def _run_load(self, job: Job, options: LoadOptions) -> None:
+        if options.explicit_commit:
+            loop = asyncio.get_running_loop()
+
+            def staged() -> None:  # in the worker thread
+                loop.call_soon_threadsafe(self._on_staged, job)
+
+            job.gate = StagedGate(options.commit_timeout, staged)
+
         async def work() -> None:
-            await self._in_thread(job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative)
+            await self._in_thread(
+                job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative, job.gate
+            )
 
         # A bug of ours in mid-load may have handed the daemon bad records.
         await self._run(job, work, on_bug=Event.LOAD_BROKE)
+
+    def _on_staged(self, job: Job) -> None:
+        if job is self._job and self.state is State.RESUMING and not job.transfer.finished:
+            self._handle(Event.STAGED)
+
+    def commit(self, number: int) -> None:
+        """Commit: let the daemon apply staged load ``number``."""
+        self._handle(Event.COMMIT, number=number)
 
     def check(self) -> tuple[int, bool, int, int, int]:
         """Check: the latest transfer's number, whether it finished, and its counters.

@@ -21,6 +21,7 @@ from ..stream._format import MAX_LEVEL, MIN_LEVEL
 from .channel import Channel
 from .boundary import daemon_failed
 from .records import BytesLike, SaveResult, iter_records, nbytes
+from .staging import StagedGate
 
 log = logging.getLogger("dbus_vmstate2.backend")
 
@@ -193,13 +194,20 @@ class LoadOutcome(Exception):
 
 
 def load_stream(
-    channel: Channel, backend_id: str, load: Callable[[Iterator[Record]], Any], progress: Progress, iterative: bool
+    channel: Channel,
+    backend_id: str,
+    load: Callable[[Iterator[Record]], Any],
+    progress: Progress,
+    iterative: bool,
+    staged: StagedGate | None = None,
 ) -> None:
     """Read and verify a stream from ``channel``, handing its records to ``load``.
 
     Args:
         iterative: the daemon takes an iterative save's END_OF_INITIAL and
             DIRTY records; else they fail the load with Unsupported.
+        staged: a two-phase load's gate: once the whole stream verified, the
+            records end only when it is committed (backend/staging.py).
 
     Raises:
         StreamError, Cancelled, VMStateError: the stream or the channel
@@ -209,7 +217,7 @@ def load_stream(
             returned before the stream had verified; its state is not known
             to be good.  ``error`` holds the reason.
     """
-    reader = _RecordReader(channel, backend_id, progress, iterative)
+    reader = _RecordReader(channel, backend_id, progress, iterative, staged)
     try:
         load(reader.records())
     except VMStateError as exc:
@@ -233,15 +241,20 @@ def load_stream(
 class _RecordReader:
     """Feeds the channel to a StreamDecoder and yields verified records."""
 
-    def __init__(self, channel: Channel, backend_id: str, progress: Progress, iterative: bool) -> None:
+    def __init__(
+        self, channel: Channel, backend_id: str, progress: Progress, iterative: bool, staged: StagedGate | None
+    ) -> None:
         self._channel = channel
         self._iterative = iterative
+        self._staged = staged
         self._decoder = StreamDecoder(expected_id=backend_id)
         self._progress = progress
         self.error: VMStateError | None = None
         self.verified = False
 
     def records(self) -> Iterator[Record]:
+        if self.error is not None:  # failed for good: asked again (a daemon that went on), fail again
+            raise self.error
         try:
             yield from self._records()
         except VMStateError as exc:
@@ -269,6 +282,8 @@ class _RecordReader:
                 yield event
             elif isinstance(event, StreamEnd):
                 self._expect_eof()
+                if self._staged is not None:
+                    self._staged.wait()
                 self.verified = True
 
     def _expect_eof(self) -> None:

@@ -28,6 +28,7 @@ class Handler(Protocol):
     def start_save(self, fd: int, options: dict[str, Variant]) -> int: ...
     def start_precopy(self, fd: int, options: dict[str, Variant]) -> int: ...
     def start_load(self, fd: int, options: dict[str, Variant]) -> int: ...
+    def commit(self, number: int) -> None: ...
     def stop_copy(self, number: int) -> None: ...
     def resume(self) -> None: ...
     def pending(self) -> tuple[int, int, int, int]: ...
@@ -107,6 +108,11 @@ class VMState2Interface(DescribedInterface):
             return self._handler.start_load(fd, options)
 
     @method()
+    def Commit(self, transfer: DBusUInt64) -> None:  # noqa: N802
+        with dbus_errors("VMState2 Commit"):
+            self._handler.commit(transfer)
+
+    @method()
     def Check(self) -> "tbttt":  # noqa: N802, F821
         with dbus_errors("VMState2 Check"):
             return list(self._handler.check())
@@ -134,6 +140,10 @@ class VMState2Interface(DescribedInterface):
 
     @signal()
     def InitialDataSent(self, transfer: int) -> "t":  # noqa: F821
+        return transfer
+
+    @signal()
+    def LoadStaged(self, transfer: int) -> "t":  # noqa: N802, F821
         return transfer
 
     def state_changed(self, state: str) -> None:
