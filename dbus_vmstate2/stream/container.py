@@ -184,6 +184,10 @@ class ContainerWriter:
         self._infos[stream] = info
         return info
 
+    def trailer_seen(self, stream: int) -> bool:
+        """Whether the stream's trailer has passed (it is complete, not yet closed)."""
+        return self._ends[stream] is not None
+
     def finish(self) -> list[bytes]:
         """Return the index and the footer.
 
