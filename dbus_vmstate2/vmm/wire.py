@@ -85,6 +85,12 @@ class MessageReader:
         """Bytes received but not yet part of a message."""
         return len(self._buf)
 
+    def take_buffered(self) -> bytes:
+        """Remove and return what was received after the last message (the container's first bytes)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def next_message(self) -> Message | _Sentinel:
         buf = self._buf
         if len(buf) >= len(MAGIC) and buf[: len(MAGIC)] != MAGIC or len(buf) < len(MAGIC) and MAGIC[: len(buf)] != buf:
