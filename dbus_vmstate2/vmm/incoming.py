@@ -24,12 +24,14 @@ from typing import Any
 
 from dbus_fast.aio import MessageBus
 
-from ..errors import Corrupt, DiscoveryError, IdMismatch, LinkFailed, StreamError, Truncated, VMStateError
+from ..errors import BackendFailed, Corrupt, DiscoveryError, IdMismatch, LinkFailed, StreamError, Truncated, VMStateError
+from ..names import VMSTATE2
+from .calls import call
 from ..stream import NEED_DATA
 from ..stream.container import ContainerEnd, ContainerReader, ContainerWriter, SegmentData, StreamInfo
 from .discovery import BackendInfo
 from .migrate import read_message
-from .transfers import STALL_TIMEOUT, Progress, in_thread, write_all
+from .transfers import STALL_TIMEOUT, Progress, in_thread, labelled, write_all
 from .transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Connection, Listener, TlsCreds, listen
 from .uri import Uri
 from .wire import Kind, Message, MessageReader, encode, hello_backends
@@ -138,7 +140,10 @@ async def _receive(
             await conn.send(encode(Message(Kind.READY, {"backends": ids})))
             progress.begin("receiving")
             progress.backends = len(ids)
-            streams = await _demux(conn, reader, loads, ids, progress, timeouts)
+            try:
+                streams = await _demux(conn, reader, loads, ids, progress, timeouts)
+            except _StoppedReading as exc:
+                raise await _why_stopped(bus, ordered[exc.stream]) from exc
             progress.phase = "committing"
             seconds = await loads.commit()
         await conn.send(encode(Message(Kind.COMMITTED, {"backends": ids})))
@@ -240,13 +245,35 @@ def _deliver(
         try:
             write_all(fds[backend_id], piece.data, stall, stop, "the migration")
         except BrokenPipeError:
-            raise VMStateError(f"back-end {backend_id!r} stopped reading its stream early (see its outcome)") from None
+            raise _StoppedReading(piece.stream) from None
         except VMStateError as exc:
             raise type(exc)(f"back-end {backend_id!r}: {exc}") from exc
         progress.done[backend_id] = progress.done.get(backend_id, 0) + len(piece.data)
         if skim.trailer_seen(piece.stream):
             complete.add(piece.stream)
     return complete
+
+
+class _StoppedReading(Exception):
+    """A back-end closed its end of the pipe before its stream's end: its load failed."""
+
+    def __init__(self, stream: int) -> None:
+        super().__init__(stream)
+        self.stream = stream
+
+
+async def _why_stopped(bus: MessageBus, backend: BackendInfo, wait: float = 5.0) -> VMStateError:
+    """The back-end's own error for a load that stopped reading (from Check, within ``wait`` seconds)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            _, finished, *_ = await call(bus, backend.unique_name, VMSTATE2, "Check")
+        except VMStateError as exc:
+            return labelled(backend, exc)
+        if finished:
+            break
+        await asyncio.sleep(0.05)
+    return labelled(backend, BackendFailed("it stopped reading its stream before the end, and gave no reason"))
 
 
 def _verify(end: ContainerEnd, skim: ContainerWriter, ids: list[str]) -> list[StreamInfo]:

@@ -30,7 +30,6 @@ from dbus_fast.aio import MessageBus
 
 from ..errors import LinkFailed, PeerRefused, StreamError
 from ..stream.container import ContainerWriter, StreamInfo
-from ..units import duration
 from .discovery import BackendInfo
 from .live import save_live
 from .precopy import PreCopyConfig, Status, Summary
@@ -103,7 +102,7 @@ class WireWriter:
         self._abandoned = False
         self.footer_sent_at: float | None = None
         self.acked_at: float | None = None
-        self._put(self._container.start())
+        self._queue(self._container.start())  # sent with what follows
 
     def open_stream(self, expected_id: str | None = None) -> int:
         with self._lock:
@@ -111,7 +110,8 @@ class WireWriter:
 
     def write(self, stream: int, data: bytes | bytearray | memoryview) -> None:
         with self._lock:
-            self._put(self._container.write(stream, data))
+            self._queue(self._container.write(stream, data))
+        self._drain()
 
     def close_stream(self, stream: int) -> StreamInfo:
         with self._lock:
@@ -125,8 +125,9 @@ class WireWriter:
             LinkFailed: the link failed, or no answer came within the timeout.
         """
         with self._lock:
-            self._put(self._container.finish())
-            self.footer_sent_at = time.monotonic()
+            self._queue(self._container.finish())
+            self.footer_sent_at = time.monotonic()  # before an answer can come
+        self._drain()
         waiting = asyncio.run_coroutine_threadsafe(self._await_answer(), self._loop)
         waiting.result()
         self.acked_at = time.monotonic()
@@ -137,7 +138,7 @@ class WireWriter:
         except TimeoutError:
             self._conn.abort()
             raise LinkFailed(
-                f"{self._conn.peer} did not acknowledge the migration within {duration(self._ack_timeout)} after "
+                f"{self._conn.peer} did not acknowledge the migration within {self._ack_timeout:g} s after "
                 "the last byte (the acknowledgement timeout): nothing is known to be applied there"
             ) from None
 
@@ -149,18 +150,20 @@ class WireWriter:
     def abort(self) -> None:
         self._conn.abort()
 
-    def _put(self, chunks: list) -> None:
+    def _queue(self, chunks: list) -> None:
+        """Queue ``chunks`` for the connection, in container order (call under the lock)."""
+        queue = self._conn.queue_from_thread if _in_thread(self._loop) else self._conn.queue
+        for chunk in chunks:
+            queue(chunk)
+
+    def _drain(self) -> None:
+        """Wait until the connection took what was queued (outside the lock:
+        the event loop takes the lock too, in open_stream and close_stream,
+        and must never wait behind a slow link)."""
         try:
-            for chunk in chunks:
-                self._conn.send_from_thread(chunk) if _in_thread(self._loop) else self._queue(chunk)
+            self._conn.drain_from_thread()
         except LinkFailed as exc:
             raise self._why(exc) from exc
-
-    def _queue(self, chunk: bytes) -> None:
-        # On the loop's own thread (the file header, from the constructor):
-        # buffered, sent with what follows.
-        self._conn.writer.write(bytes(chunk))
-        self._conn.sent += len(chunk)
 
     def _why(self, exc: LinkFailed) -> BaseException:
         """The destination's own refusal, if it explains a lost connection (waits at most 2 s)."""

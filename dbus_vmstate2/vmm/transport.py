@@ -25,13 +25,13 @@ import asyncio
 import os
 import socket
 import ssl
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LinkFailed
-from ..units import duration
 from .uri import ExecUri, FileUri, StdioUri, TcpUri, UnixUri, Uri
 
 CONNECT_TIMEOUT = 30.0
@@ -126,18 +126,43 @@ class Connection:
             LinkFailed: the connection is lost, or the send made no progress
                 for ``io_timeout`` seconds.
         """
+        self.queue(data)
+        await self.drain()
+
+    def queue(self, data: bytes | bytearray | memoryview) -> None:
+        """Add ``data`` to what goes out, without waiting (on the loop's thread)."""
+        if self.writer.transport.is_closing():
+            return  # drain() says why
+        self.writer.write(bytes(data))
+        self.sent += len(data)
+
+    async def drain(self) -> None:
+        """Wait until what was queued is down to the buffer's size.
+
+        Raises:
+            LinkFailed: as :meth:`send`.
+        """
+        if self.writer.transport.is_closing():
+            raise LinkFailed(f"the connection to {self.peer} was lost (closed)")
         try:
-            self.writer.write(bytes(data))
             await asyncio.wait_for(self.writer.drain(), self.io_timeout)
         except TimeoutError:
             self.abort()
             raise LinkFailed(
-                f"the link to {self.peer} took nothing for {duration(self.io_timeout)} (the I/O timeout): "
+                f"the link to {self.peer} took nothing for {self.io_timeout:g} s (the I/O timeout): "
                 "is it down, or the peer stuck?"
             ) from None
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
-        self.sent += len(data)
+
+    def queue_from_thread(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`queue` from a worker thread: pieces queued this way go out
+        in the order of the calls (the loop runs its callbacks in order)."""
+        self._loop.call_soon_threadsafe(self.queue, bytes(data))
+
+    def drain_from_thread(self) -> None:
+        """:meth:`drain` from a worker thread."""
+        asyncio.run_coroutine_threadsafe(self.drain(), self._loop).result()
 
     async def recv(self, size: int, timeout: float | None = -1.0) -> bytes:
         """Receive up to ``size`` bytes; b"" at the end of the connection.
@@ -153,15 +178,11 @@ class Connection:
             return await asyncio.wait_for(self.reader.read(size), timeout)
         except TimeoutError:
             raise LinkFailed(
-                f"nothing came from {self.peer} for {duration(timeout)} (the I/O timeout): is the link down, "
+                f"nothing came from {self.peer} for {timeout:g} s (the I/O timeout): is the link down, "
                 "or the peer stuck?"
             ) from None
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
-
-    def send_from_thread(self, data: bytes | bytearray | memoryview) -> None:
-        """:meth:`send` from a worker thread; returns once the bytes are queued."""
-        asyncio.run_coroutine_threadsafe(self.send(data), self._loop).result()
 
     def abort(self) -> None:
         """Drop the connection at once (on the loop's thread)."""
@@ -194,7 +215,7 @@ class Connection:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: {exc.verify_message or exc.reason}"
+        return f"TLS: the peer's certificate does not verify: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     return os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else (str(exc) or type(exc).__name__)
@@ -240,7 +261,7 @@ async def connect(
             opening = asyncio.open_unix_connection(uri.path, limit=BUFFER)
         reader, writer = await asyncio.wait_for(opening, connect_timeout)
     except TimeoutError:
-        raise LinkFailed(f"cannot connect to {uri}: no answer within {duration(connect_timeout)} (the connect timeout)") from None
+        raise LinkFailed(f"cannot connect to {uri}: no answer within {connect_timeout:g} s (the connect timeout)") from None
     except (OSError, ssl.SSLError) as exc:
         raise LinkFailed(f"cannot connect to {uri}: {_reason(exc)}") from exc
     _tune(writer, io_timeout)
@@ -274,47 +295,38 @@ class Listener:
         self._tls = tls.server_context() if tls is not None else None
         self._connect_timeout = connect_timeout
         self._io_timeout = io_timeout
-        self._server: asyncio.base_events.Server | None = None
-        self._arrived: asyncio.Queue[Connection | BaseException] = asyncio.Queue()
+        self._sock: socket.socket | None = None
         self._unlink: str | None = None
 
-    async def start(self) -> Listener:
+    def start(self) -> Listener:
         uri = self.uri
         try:
             if isinstance(uri, TcpUri):
-                self._server = await asyncio.start_server(
-                    self._accepted, uri.host or None, uri.port, limit=BUFFER, reuse_address=True,
-                )  # fmt: skip
-                host, port = self._server.sockets[0].getsockname()[:2]
+                if uri.host:
+                    self._sock = socket.create_server((uri.host, uri.port), reuse_port=False)
+                elif socket.has_dualstack_ipv6():
+                    self._sock = socket.create_server(("", uri.port), family=socket.AF_INET6, dualstack_ipv6=True)
+                else:
+                    self._sock = socket.create_server(("", uri.port))
+                host, port = self._sock.getsockname()[:2]
                 self.address = str(TcpUri(uri.host or host, port))
             elif isinstance(uri, UnixUri):
                 if self._tls is not None:
                     raise ValueError("TLS is for tcp: (a unix socket is protected by its file permissions)")
-                self._server = await asyncio.start_unix_server(self._accepted, uri.path, limit=BUFFER)
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                self._sock.bind(uri.path)
                 self._unlink = uri.path
+                self._sock.listen(1)
         except OSError as exc:
+            if self._sock is not None:
+                self._sock.close()
             raise LinkFailed(f"cannot listen on {uri}: {_reason(exc)}") from exc
+        if self._sock is not None:
+            self._sock.setblocking(False)
         return self
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._server is not None:
-            self._server.close()  # one source per incoming: later ones are refused
-        peer = writer.get_extra_info("peername")
-        name = f"{self.address} (from {_peer_text(peer)})"
-        try:
-            if self._tls is not None:
-                await asyncio.wait_for(writer.start_tls(self._tls, ssl_handshake_timeout=self._connect_timeout),
-                                       self._connect_timeout + 1)  # fmt: skip
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            writer.transport.abort()
-            why = "it timed out" if isinstance(exc, TimeoutError) else _reason(exc)
-            self._arrived.put_nowait(LinkFailed(f"the TLS handshake with the source on {name} failed: {why}"))
-            return
-        _tune(writer, self._io_timeout)
-        self._arrived.put_nowait(Connection(reader, writer, name, self._io_timeout))
-
     async def accept(self, timeout: float | None = ACCEPT_TIMEOUT) -> Connection:
-        """Wait for the source.
+        """Wait for the source (one only: the listener closes once it came).
 
         Raises:
             LinkFailed: no source within ``timeout``, or its TLS handshake failed.
@@ -323,19 +335,35 @@ class Listener:
             return await _exec(self.uri, self._io_timeout)
         if isinstance(self.uri, StdioUri):
             return await _stdio(self._io_timeout)
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
         try:
-            arrived = await asyncio.wait_for(self._arrived.get(), timeout)
+            sock, peer = await asyncio.wait_for(loop.sock_accept(self._sock), timeout)
         except TimeoutError:
-            raise LinkFailed(f"no source connected to {self.address} within {duration(timeout)} (the accept timeout)") from None
-        if isinstance(arrived, BaseException):
-            raise arrived
-        return arrived
+            raise LinkFailed(f"no source connected to {self.address} within {timeout:g} s (the accept timeout)") from None
+        finally:
+            await self.close()
+        name = f"{self.address} (from {_peer_text(peer)})"
+        reader = asyncio.StreamReader(limit=BUFFER)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: protocol, sock, ssl=self._tls,
+                                             ssl_handshake_timeout=self._connect_timeout if self._tls else None),
+                self._connect_timeout + 1,
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            sock.close()
+            why = f"no handshake within {self._connect_timeout:g} s" if isinstance(exc, TimeoutError) else _reason(exc)
+            raise LinkFailed(f"the TLS handshake with the source on {name} failed: {why}") from exc
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        _tune(writer, self._io_timeout)
+        return Connection(reader, writer, name, self._io_timeout)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._unlink is not None:
             try:
                 os.unlink(self._unlink)
@@ -361,23 +389,31 @@ async def listen(
     """
     if isinstance(uri, FileUri):
         raise ValueError(f"listen() takes no {uri}")
-    return await Listener(uri, tls, connect_timeout, io_timeout).start()
+    return Listener(uri, tls, connect_timeout, io_timeout).start()
 
 
 async def _stdio(io_timeout: float) -> Connection:
     """Our own standard input and output, for the far end of ``exec:``.
 
     Standard output then carries the migration only: what the command would
-    print there goes to standard error instead.
+    print there goes to standard error instead.  One socket as both (as
+    ``exec:`` gives, and ssh may) is used as a socket; otherwise two pipes.
     """
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.dup(0), os.dup(1)
     sys.stdout.flush()
     os.dup2(2, 1)
+    into, out = os.fstat(read_fd), os.fstat(write_fd)
+    if stat.S_ISSOCK(into.st_mode) and (into.st_dev, into.st_ino) == (out.st_dev, out.st_ino):
+        os.close(write_fd)
+        reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=read_fd), limit=BUFFER)
+        return Connection(reader, writer, "stdio:", io_timeout)
     reader = asyncio.StreamReader(limit=BUFFER)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0))
+    read_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0),
+    )
     transport, protocol = await loop.connect_write_pipe(
         lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(write_fd, "wb", buffering=0),
     )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Connection(reader, writer, "stdio:", io_timeout)
+    return Connection(reader, writer, "stdio:", io_timeout, on_close=read_transport.close)
