@@ -205,7 +205,10 @@ async def read_message(conn: Connection, reader: MessageReader, timeout: float |
             if reader.buffered:
                 reader.feed_eof()
                 continue
-            raise LinkFailed(f"{conn.peer} closed the connection instead of sending {what} (did it exit, or was it killed?)")
+            raise LinkFailed(
+                f"the connection to {conn.peer} ended without {what}: the peer exited or was killed, or the link "
+                "failed"
+            )
         reader.feed(data)
 
 

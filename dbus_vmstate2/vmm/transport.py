@@ -146,13 +146,13 @@ class Connection:
             raise LinkFailed(f"the connection to {self.peer} was lost (closed)")
         try:
             await asyncio.wait_for(self.writer.drain(), self.io_timeout)
-        except TimeoutError:
-            self.abort()
-            raise LinkFailed(
-                f"the link to {self.peer} took nothing for {self.io_timeout:g} s (the I/O timeout): "
-                "is it down, or the peer stuck?"
-            ) from None
         except (ConnectionError, OSError, ssl.SSLError) as exc:
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout, not ETIMEDOUT
+                self.abort()
+                raise LinkFailed(
+                    f"the link to {self.peer} took nothing for {self.io_timeout:g} s (the I/O timeout): "
+                    "is it down, or the peer stuck?"
+                ) from None
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
 
     def queue_from_thread(self, data: bytes | bytearray | memoryview) -> None:
@@ -176,12 +176,12 @@ class Connection:
         timeout = self.io_timeout if timeout is not None and timeout < 0 else timeout
         try:
             return await asyncio.wait_for(self.reader.read(size), timeout)
-        except TimeoutError:
-            raise LinkFailed(
-                f"nothing came from {self.peer} for {timeout:g} s (the I/O timeout): is the link down, "
-                "or the peer stuck?"
-            ) from None
         except (ConnectionError, OSError, ssl.SSLError) as exc:
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout, not ETIMEDOUT
+                raise LinkFailed(
+                    f"nothing came from {self.peer} for {timeout:g} s (the I/O timeout): is the link down, "
+                    "or the peer stuck?"
+                ) from None
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
 
     def abort(self) -> None:
