@@ -207,26 +207,46 @@ async def _demux(
     stop = threading.Event()
     leftover = messages.take_buffered()
     end: ContainerEnd | None = None
-    while end is None:
-        data = leftover or await conn.recv(READ_SIZE, timeouts.io)
-        leftover = b""
-        if not data:
-            raise LinkFailed(
-                f"the connection from {conn.peer} ended after {reader.offset} bytes, before the end of the "
-                "container: the source gave up or was killed"
-            )
-        reader.feed(data)
-        pieces: list[SegmentData] = []
-        while (event := reader.next_event()) is not NEED_DATA:
-            if isinstance(event, SegmentData):
-                pieces.append(event)
-            else:
-                end = event
-        if pieces:
-            done = await in_thread(_deliver, pieces, skim, loads.fds, ids, timeouts.stall, stop, progress, stop=stop.set)
-            for number in done - ended:
+    # One batch is written into the pipes (in a worker thread) while the next
+    # is read from the connection: the link and the back-ends work at once.
+    delivering: asyncio.Future[set[int]] | None = None
+
+    async def delivered() -> None:
+        nonlocal delivering, ended
+        if delivering is not None:
+            done, delivering = await delivering, None
+            for number in sorted(done - ended):
                 loads.end_input(ids[number])
             ended |= done
+
+    try:
+        while end is None:
+            data = leftover or await conn.recv(READ_SIZE, timeouts.io)
+            leftover = b""
+            if not data:
+                raise LinkFailed(
+                    f"the connection from {conn.peer} ended after {reader.offset} bytes, before the end of the "
+                    "container: the source gave up or was killed"
+                )
+            reader.feed(data)
+            pieces: list[SegmentData] = []
+            while (event := reader.next_event()) is not NEED_DATA:
+                if isinstance(event, SegmentData):
+                    pieces.append(event)
+                else:
+                    end = event
+            await delivered()
+            if pieces:
+                delivering = asyncio.ensure_future(in_thread(
+                    _deliver, pieces, skim, loads.fds, ids, timeouts.stall, stop, progress, stop=stop.set,
+                ))  # fmt: skip
+        await delivered()
+    finally:
+        if delivering is not None:  # failed meanwhile: stop the writer and wait for it
+            stop.set()
+            await asyncio.wait({delivering})
+            if not delivering.cancelled():
+                delivering.exception()
     return _verify(end, skim, ids)
 
 
