@@ -41,8 +41,10 @@ ACCEPT_TIMEOUT = 600.0
 IO_TIMEOUT = 30.0
 """Default seconds a send or a receive may make no progress."""
 
-BUFFER = 4 << 20
-"""Bytes buffered per direction before reading pauses or a send waits."""
+BUFFER = 1 << 20
+"""Bytes buffered per direction before reading pauses or a send waits.  Small:
+whatever is buffered at the switch-over still has to cross, and the plan's
+expected downtime does not see it (a larger buffer measured no faster)."""
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca-cert.pem", "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
