@@ -45,6 +45,7 @@ from .vmm import (
     status,
 )
 from .vmm.live import save_live
+from .vmm.qemu import QemuFailed
 from .vmm.pump import CLOSE_TIMEOUT
 from .vmm.transfers import STALL_TIMEOUT
 from .vmm.precopy import PreCopyConfig, Status, Summary
@@ -70,6 +71,7 @@ _EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (KeyboardInterrupt, EXIT_INTERRUPTED),  # SIGINT or SIGTERM (see entry.py)
     (StdoutClosed, EXIT_STDOUT_CLOSED),
     (LinkFailed, EXIT_MIGRATION),  # a migration's connection failed or timed out
+    (QemuFailed, EXIT_MIGRATION),  # QEMU's side of a coordinated migration failed
     (PeerRefused, EXIT_MIGRATION),  # a migration's destination refused or failed
     (StreamError, EXIT_CORRUPT),  # a corrupt, truncated or mismatched saved file (a back-end's bad stream: BackendFailed)
     (VMStateError, EXIT_BACKEND_FAILED),  # a back-end refused or failed, or is missing
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List, save, load, inspect and migrate the device state of D-Bus VMState back-ends.",
         epilog="Exit codes: 0 ok, 1 a back-end failed or is missing (or sent a stream that does not verify), "
         "2 usage error or unusable file or bus, 3 corrupt or mismatched saved file or stream, 4 a migration's "
-        "link or destination failed (the source runs on), 130 interrupted, "
+        "link, destination or QEMU failed (the source runs on), 130 interrupted, "
         "141 standard output closed.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

@@ -33,6 +33,7 @@ from .vmm import Progress, Session
 from .vmm.incoming import IncomingSummary, IncomingTimeouts, incoming
 from .vmm.migrate import ACK_TIMEOUT, MigrationSummary, Timeouts, migrate
 from .vmm.precopy import Status
+from .vmm.qemu import QEMU_TIMEOUT, QemuDestination, QemuSource
 from .vmm.pump import CLOSE_TIMEOUT
 from .vmm.transfers import load_from_file
 from .vmm.transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Listener, TlsCreds
@@ -124,6 +125,16 @@ def add_migrate(sub: argparse._SubParsersAction) -> None:
     link.add_argument("--ack-timeout", type=_positive(float), default=ACK_TIMEOUT, metavar="S",
                       help=f"how long to wait, once everything is sent, for the destination's acknowledgement "
                       f"(its verification and commit; default {ACK_TIMEOUT:g})")
+    qemu = p.add_argument_group(
+        "in step with QEMU",
+        "With --qmp, QEMU's own migration (to --qemu-uri) runs beside ours and paces it: pre-switchover is "
+        "enabled, the back-ends switch over when QEMU has stopped the VM, and QEMU continues only once the "
+        "destination acknowledged; any failure cancels QEMU's migration (the source VM runs on).",
+    )
+    qemu.add_argument("--qmp", metavar="PATH", help="the source QEMU's QMP unix socket")
+    qemu.add_argument("--qemu-uri", metavar="URI", help="where QEMU migrates its own state (its migrate URI)")
+    qemu.add_argument("--qemu-timeout", type=_positive(float), default=QEMU_TIMEOUT, metavar="S",
+                      help=f"for QEMU to complete its migration after migrate-continue (default {QEMU_TIMEOUT:g})")
     _add_json(p)
     p.set_defaults(func=cmd_migrate)
 
@@ -133,6 +144,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         tls = _tls(args)
     except argparse.ArgumentTypeError as exc:
         return _usage(args, str(exc))
+    if (args.qmp is None) != (args.qemu_uri is None):
+        return _usage(args, "--qmp and --qemu-uri go together")
+    if args.qmp is not None and isinstance(args.uri, FileUri):
+        return _usage(args, "--qmp is for a migration to another host, not file:")
     config = precopy_config(args)
     timeouts = Timeouts(connect=args.connect_timeout, io=args.io_timeout, ack=args.ack_timeout)
     progress = Progress()
@@ -145,11 +160,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGUSR1, switch_over.set)
         try:
             async with StatusLine(lambda now: _migrate_line(latest, progress, where, now), lambda: progress.phase):
+                qemu = QemuSource(args.qmp, args.qemu_uri, args.qemu_timeout) if args.qmp else None
                 return await migrate(
                     session.bus, session.backends, args.uri, save_options(args), config, progress, tls=tls,
                     timeouts=timeouts, on_status=lambda s: latest.__setitem__(slice(None), [s]),
                     switch_over=switch_over, max_bandwidth=args.max_bandwidth, verify=args.verify,
-                    close_timeout=args.close_timeout,
+                    close_timeout=args.close_timeout, qemu=qemu,
                 )  # fmt: skip
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)
@@ -165,7 +181,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             f"migrated {len(live.backends)} back-end(s) to {summary.uri}: {size(live.stream_bytes)} in {live.rounds} "
             f"round(s) over {live.total_time:.1f} s; downtime {down} from quiesce to the destination's "
             f"acknowledgement (stop-copy {stop}, limit {live.downtime_limit * 1000:.0f} ms, {live.switch_reason}); "
-            "the back-ends here are stopped"
+            "the back-ends here are stopped" + ("; QEMU's migration completed" if args.qmp else "")
         )
     return EXIT_OK
 
@@ -175,6 +191,8 @@ def _migrate_line(latest: list[Status], progress: Progress, where: str, now: flo
         return f"connecting to {where}..."
     if progress.phase == "syncing":
         return f"waiting for {where} to verify and commit..."
+    if progress.phase == "qemu":
+        return "the back-ends moved; waiting for QEMU's migration to complete..."
     return live_line(latest[-1] if latest else None, progress, where, now).replace("live save", "migration", 1)
 
 
@@ -200,6 +218,15 @@ def add_incoming(sub: argparse._SubParsersAction) -> None:
                       help=f"how long to wait for the source to connect (default {ACCEPT_TIMEOUT:g})")
     p.add_argument("--commit-timeout", type=_positive(float), default=60.0, metavar="S",
                    help="how long a back-end holds its staged load waiting for the commit (default 60)")
+    qemu = p.add_argument_group(
+        "in step with QEMU",
+        "With --qmp (QEMU started with -S and -incoming), the VM is resumed (cont) only once QEMU's incoming "
+        "migration completed and every back-end committed; on any failure it stays stopped.",
+    )
+    qemu.add_argument("--qmp", metavar="PATH", help="the destination QEMU's QMP unix socket")
+    qemu.add_argument("--qemu-timeout", type=_positive(float), default=QEMU_TIMEOUT, metavar="S",
+                      help=f"for QEMU's incoming migration to complete once the back-ends committed "
+                      f"(default {QEMU_TIMEOUT:g})")
     _add_json(p)
     p.set_defaults(func=cmd_incoming)
 
@@ -212,6 +239,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     if isinstance(args.uri, StdioUri) and args.json:
         return _usage(args, "--json cannot go with stdio: (standard output carries the migration)")
     if isinstance(args.uri, FileUri):
+        if args.qmp:
+            return _usage(args, "--qmp is for a migration from another host, not file:")
         return _incoming_file(args)
     timeouts = IncomingTimeouts(accept=args.accept_timeout, connect=args.connect_timeout, io=args.io_timeout,
                                 stall=args.stall_timeout, commit=args.commit_timeout)  # fmt: skip
@@ -225,8 +254,9 @@ def cmd_incoming(args: argparse.Namespace) -> int:
 
     async def run(session: Session) -> IncomingSummary:
         async with StatusLine(lambda now: _incoming_line(progress, listening, now), lambda: progress.phase):
+            qemu = QemuDestination(args.qmp, args.qemu_timeout) if args.qmp else None
             return await incoming(session.bus, session.backends, args.uri, progress, tls=tls, timeouts=timeouts,
-                                  on_listening=on_listening)  # fmt: skip
+                                  on_listening=on_listening, qemu=qemu)  # fmt: skip
 
     summary = _on_bus(args, run, require=True)
     if args.json:
@@ -234,7 +264,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     else:
         raw = sum(i.raw_bytes for i in summary.streams)
         text = (f"received {len(summary.streams)} back-end(s), {size(raw)} of state, from {summary.source} in "
-                f"{duration(summary.seconds)}; every back-end committed")  # fmt: skip
+                f"{duration(summary.seconds)}; every back-end committed"
+                + ("; QEMU's migration completed and the VM resumed" if args.qmp else ""))  # fmt: skip
         (_err if isinstance(args.uri, StdioUri) else _out)(text)
     return EXIT_OK
 
@@ -248,6 +279,8 @@ def _incoming_line(progress: Progress, listening: list[str], now: float) -> str:
         return f"receiving {progress.backends} back-end(s): {size(done)}, {size(done / elapsed if elapsed > 0 else 0)}/s"
     if progress.phase == "committing":
         return "every stream verified; committing every back-end..."
+    if progress.phase == "qemu":
+        return "every back-end committed; waiting for QEMU's incoming migration to complete..."
     return f"{progress.phase}..."
 
 

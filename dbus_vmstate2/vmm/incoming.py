@@ -32,6 +32,7 @@ from ..stream.container import ContainerEnd, ContainerReader, ContainerWriter, S
 from .discovery import BackendInfo
 from .migrate import read_message
 from .transfers import STALL_TIMEOUT, Progress, in_thread, labelled, write_all
+from .qemu import QemuDestination
 from .transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Connection, Listener, TlsCreds, listen
 from .uri import Uri
 from .wire import Kind, Message, MessageReader, encode, hello_backends
@@ -87,8 +88,13 @@ async def incoming(
     tls: TlsCreds | None = None,
     timeouts: IncomingTimeouts = IncomingTimeouts(),
     on_listening: Callable[[Listener], None] | None = None,
+    qemu: QemuDestination | None = None,
 ) -> IncomingSummary:
     """Wait for a source at ``uri`` and load what it sends into ``backends``, all or nothing.
+
+    With ``qemu`` (QEMU started with ``-S`` and ``-incoming``), once every
+    back-end committed, wait for QEMU's incoming migration to complete and
+    only then resume the VM (``cont``); on any failure the VM stays stopped.
 
     Raises:
         LinkFailed: no source came, TLS failed, the link failed or the
@@ -99,18 +105,28 @@ async def incoming(
         In every case no back-end here applied anything.
     """
     progress = progress or Progress()
-    listener = await listen(uri, tls=tls, connect_timeout=timeouts.connect, io_timeout=timeouts.io)
     try:
-        if on_listening is not None:
-            on_listening(listener)
-        progress.phase = "waiting"
-        conn = await listener.accept(timeouts.accept)
+        if qemu is not None:
+            await qemu.start()  # before anything: QEMU must be waiting, stopped
+        listener = await listen(uri, tls=tls, connect_timeout=timeouts.connect, io_timeout=timeouts.io)
+        try:
+            if on_listening is not None:
+                on_listening(listener)
+            progress.phase = "waiting"
+            conn = await listener.accept(timeouts.accept)
+        finally:
+            await listener.close()
+        try:
+            summary = await _receive(bus, backends, conn, progress, timeouts)
+        finally:
+            await conn.close()
+        if qemu is not None:
+            progress.phase = "qemu"
+            await qemu.resume_when_complete()
+        return summary
     finally:
-        await listener.close()
-    try:
-        return await _receive(bus, backends, conn, progress, timeouts)
-    finally:
-        await conn.close()
+        if qemu is not None:
+            await qemu.close()
 
 
 async def _receive(

@@ -22,7 +22,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dbus_fast import Variant
@@ -32,9 +32,11 @@ from ..errors import LinkFailed, PeerRefused, StreamError
 from ..stream.container import ContainerWriter, StreamInfo
 from .discovery import BackendInfo
 from .live import save_live
+from .control import resume
 from .precopy import PreCopyConfig, Status, Summary
 from .pump import CLOSE_TIMEOUT
-from .transfers import Progress
+from .qemu import QemuSource
+from .transfers import Progress, wait_regardless
 from .transport import CONNECT_TIMEOUT, IO_TIMEOUT, Connection, TlsCreds, connect
 from .uri import FileUri, Uri
 from .wire import Kind, Message, MessageReader, encode
@@ -258,10 +260,15 @@ async def migrate(
     max_bandwidth: float | None = None,
     verify: bool = True,
     close_timeout: float = CLOSE_TIMEOUT,
+    qemu: QemuSource | None = None,
 ) -> MigrationSummary:
     """Migrate ``backends`` live to the destination at ``uri``.
 
     ``file:PATH`` is the live save into PATH (no destination to confirm).
+    With ``qemu``, QEMU's own migration runs beside ours and paces it: the
+    back-ends switch over only when QEMU reports ``pre-switchover`` (or
+    ``switch_over`` is set), QEMU continues only once the destination
+    acknowledged, and any failure cancels QEMU's migration too.
 
     Returns:
         The summary, once the destination acknowledged: every back-end
@@ -281,9 +288,13 @@ async def migrate(
             switch_over=switch_over, max_bandwidth=max_bandwidth, verify=verify, close_timeout=close_timeout,
         )  # fmt: skip
         return MigrationSummary(str(uri), summary, 0, summary.downtime, None)
+    if qemu is not None:
+        config = replace(config or PreCopyConfig(), wait_for_trigger=True)
+        switch_over = switch_over or asyncio.Event()
     progress.phase = "connecting"
     conn = await connect(uri, tls=tls, connect_timeout=timeouts.connect, io_timeout=timeouts.io)
     answer: asyncio.Future[Message] | None = None
+    helpers: list[asyncio.Future[Any]] = []
     try:
         if on_connected is not None:
             on_connected(conn)
@@ -291,21 +302,58 @@ async def migrate(
         await _handshake(conn, backends, reader)
         made: list[WireWriter] = []
         answer = asyncio.ensure_future(_answer(conn, reader, made))
+        watch: asyncio.Future[Any] = answer
+        if qemu is not None:
+            await qemu.start()
+            helpers.append(asyncio.ensure_future(_relay(qemu.pre_switchover, switch_over)))
+            watch = asyncio.ensure_future(_first_failure(answer, qemu.failed))
+            helpers.append(watch)
         writer = WireWriter(conn, answer, timeouts.ack)
         made.append(writer)
         summary = await save_live(
             bus, backends, writer, options, config, progress, on_status=on_status, on_switch_over=switched.append,
-            switch_over=switch_over, watch=answer, max_bandwidth=max_bandwidth, verify=verify,
+            switch_over=switch_over, watch=watch, max_bandwidth=max_bandwidth, verify=verify,
             close_timeout=close_timeout,
         )  # fmt: skip
         downtime = writer.acked_at - switched[0] if switched and writer.acked_at else None
         ack_wait = writer.acked_at - writer.footer_sent_at if writer.acked_at and writer.footer_sent_at else None
+        if qemu is not None:
+            progress.phase = "qemu"
+            try:
+                await qemu.finish()
+            except BaseException:
+                # The destination's back-ends committed, but the VM does not
+                # move: ours are stopped with their state, and serve on.
+                for backend in backends:
+                    await wait_regardless(asyncio.ensure_future(resume(bus, backend)))
+                raise
         return MigrationSummary(str(uri), summary, conn.sent, downtime, ack_wait)
+    except BaseException:
+        if qemu is not None:
+            await wait_regardless(asyncio.ensure_future(qemu.cancel()))
+        raise
     finally:
-        if answer is not None:
-            if not answer.done():
-                answer.cancel()
-            await asyncio.wait({answer})
-            if not answer.cancelled():
-                answer.exception()  # retrieved: save_live raised the one that matters
+        for helper in helpers:
+            helper.cancel()
+        for task in [*helpers, *([answer] if answer is not None else [])]:
+            if not task.done():
+                task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved: save_live raised the one that matters
+        if qemu is not None:
+            await qemu.close()
         await conn.close()
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def _first_failure(answer: asyncio.Future[Message], failed: asyncio.Future[None]) -> Message:
+    """The destination's answer, unless QEMU's migration fails first."""
+    await asyncio.wait({answer, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if failed.done() and not failed.cancelled():
+        failed.result()
+    return await answer
