@@ -24,7 +24,8 @@ the same run.  Throughputs are MiB/s of raw (uncompressed) state, best of
    `dbus_vmstate2.vmm.vmstate1.save_inline` called --inline-calls times
    in this process after one warm-up call.  Two back-ends: the helper below
    (a `Backend` with compression none) and the example `memstate` (the
-   library's default, zstd level 1, which stores these bytes raw).
+   library's default, zstd level 1, which stores these bytes raw).  Against
+   hand-written back-ends (GDBus, dbus-fast): benchmarks/bench_inline.py.
 3. VMState2 save of --gib GiB: the example back-end runs as a real process
    (`python -m dbus_vmstate2.examples.memstate --size ... --seed 1`), and the
    real command `python -m dbus_vmstate2 save FILE --address ADDR

@@ -552,15 +552,18 @@ def _save_live(args: argparse.Namespace, options: dict[str, Variant]) -> int:
 def _add_load(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "load", help="load the back-ends' state from a file",
-        description="Load every back-end on the bus (or --id-list) from its stream in a saved file, in parallel. "
-        "Each back-end applies its state only once its stream has verified. FILE must be a regular file: "
-        "its index, at its end, is read first (a pipe or <(...) is refused).",
+        description="Load every back-end on the bus (or --id-list) from its stream in a saved file, in parallel, "
+        "all or nothing: each back-end verifies its whole stream and holds it staged, and all are committed only "
+        "once every one is staged; if any fails, every back-end keeps its state. The file is read once. FILE must "
+        "be a regular file: its index, at its end, is read first (a pipe or <(...) is refused).",
     )
     p.add_argument("file", help="a file written by 'dbus-vmstate2 save'")
     _add_bus_options(p)
     p.add_argument(
         "--no-verify", dest="verify", action="store_false",
-        help="skip verifying the whole file before loading (each back-end still verifies its own stream)",
+        help="a back-end that cannot load in two phases (an older version) makes load verify the whole file "
+        "first, so that a damaged file touches no back-end; this skips that pass (each back-end still verifies "
+        "its own stream)",
     )
     _add_stall_timeout(p, "reads nothing of its stream")
     _add_json(p)

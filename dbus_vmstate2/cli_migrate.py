@@ -35,7 +35,7 @@ from .vmm.migrate import ACK_TIMEOUT, MigrationSummary, Timeouts, migrate
 from .vmm.precopy import Status
 from .vmm.qemu import QEMU_TIMEOUT, QemuDestination, QemuSource
 from .vmm.pump import CLOSE_TIMEOUT
-from .vmm.transfers import load_from_file
+from .vmm.loading import load_from_file
 from .vmm.transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Listener, TlsCreds
 from .vmm.uri import BadUri, FileUri, StdioUri, TcpUri, Uri, parse_uri
 

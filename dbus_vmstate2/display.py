@@ -72,6 +72,7 @@ def progress_line(progress: Progress, file: str, now: float) -> str:
         "saving": f"saving {progress.backends} back-end(s)",
         "loading": f"loading {progress.backends} back-end(s)",
         "syncing": f"syncing {file} to disk",
+        "committing": f"committing {progress.backends} back-end(s)",
     }.get(phase, phase)
     if phase not in ("verifying", "saving", "loading"):
         return f"{what}..."

@@ -13,6 +13,8 @@ that cannot be served as asked (the caller's fault or a back-end failure).
 from __future__ import annotations
 
 import enum
+import heapq
+from collections.abc import Iterable
 
 ERROR_PREFIX = "org.qemu.VMState2.Error."
 
@@ -199,3 +201,28 @@ class PeerRefused(VMStateError):
 
     peer_error: str | None = None
     """The destination's error type, as it named it (``Corrupt``, ``IdMismatch``, ...)."""
+
+
+QUOTE_LIMIT = 64
+"""How much of a peer's string an error message or a log line quotes."""
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` in quotes for a message, cut to ``limit`` characters.
+
+    A peer chooses the strings it sends (an option's name or value may be
+    megabytes long): the reply and the log line that quote it must stay
+    small whatever it sent.
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def quote_some(texts: Iterable[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``texts`` in sorted order, each :func:`quote`\\ d,
+    and how many more there are (a peer may send a million)."""
+    texts = list(texts)
+    first = heapq.nsmallest(shown, texts)
+    more = f" and {len(texts) - len(first)} more" if len(texts) > len(first) else ""
+    return ", ".join(quote(t) for t in first) + more

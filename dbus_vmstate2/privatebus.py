@@ -10,6 +10,7 @@ Tests pass stricter policies.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -84,10 +85,17 @@ class PrivateBus:
         self.address = f"unix:path={socket}"
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The daemon's process id while it runs (a fault test signals it)."""
+        return None if self._process is None else self._process.pid
+
     def stop(self) -> None:
-        """Stop the daemon and remove its directory; safe to call more than once."""
+        """Stop the daemon and remove its directory; safe to call more than once
+        (also after the daemon died or was stopped by a signal)."""
         if self._process is not None:
             self._process.terminate()
+            self._process.send_signal(signal.SIGCONT)  # a stopped daemon acts on SIGTERM only once continued
             self._process.wait()
             if self._process.stdout is not None:
                 self._process.stdout.close()

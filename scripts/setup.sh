@@ -8,6 +8,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Debian packages: the bus daemon, busctl and systemd-analyze, stock QEMU
 # (VMState1 interop tests), the zstd command (the benchmark's baseline),
+# PyGObject for Debian's python3 (bench_inline.py's hand-written back-end),
 # libseccomp (the sandbox test's filter, through pyseccomp), and what
 # tests/test_packaging.py builds the Debian package with (packaging/debian:
 # its Build-Depends).
@@ -21,6 +22,8 @@ command -v busctl >/dev/null || need_apt+=(systemd)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v zstd >/dev/null || need_apt+=(zstd)
 installed libseccomp2 || need_apt+=(libseccomp2)
+installed python3-gi || need_apt+=(python3-gi)
+installed gir1.2-glib-2.0 || need_apt+=(gir1.2-glib-2.0)
 for package in dpkg-dev debhelper dh-python python3-all pybuild-plugin-pyproject python3-setuptools groff-base; do
     installed "$package" || need_apt+=("$package")
 done

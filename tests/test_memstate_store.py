@@ -101,6 +101,27 @@ def test_a_state_file_is_read_block_by_block(tmp_path):
     assert len(MemState(file_blocks(tmp_path / "empty"))) == 0
 
 
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_the_state_is_held_once_at_start_up(memstate, tmp_path):
+    # What users copy must not hold its state twice while making it: its peak
+    # is its state, plus the deterministic bytes' 64 MiB pool, beyond an empty memstate's.
+    size = 256 << 20
+    path = tmp_path / "state"
+    with path.open("wb") as file:
+        for block in deterministic_blocks(size, 3):
+            file.write(block)
+    empty = peak_rss(memstate("empty").process.pid)
+    for args in (["--state-file", str(path)], ["--size", str(size), "--seed", "3"]):
+        peak = peak_rss(memstate(args[0].strip("-"), *args).process.pid)
+        assert peak - empty < size + (80 << 20), f"memstate {args[0]} peaked {(peak - empty) >> 20} MiB above an empty one"
+    path.unlink()
+
+
 def test_only_the_last_block_may_be_short():
     with pytest.raises(ValueError, match="only the last block"):
         MemState([b"x" * 10, b"y" * 10])
@@ -122,6 +143,21 @@ def test_a_raw_image_loads_however_it_was_cut(cut, tmp_path, report_file):
     assert b"".join(dest.blocks()) == state == (tmp_path / "loaded").read_bytes()
     assert [len(b) for b in dest.blocks()] == [BLOCK_SIZE] * 3 + [12345]
     assert json.loads((tmp_path / "report").read_text()) == {"event": "loaded", "digest": sha(state), "bytes": SIZE}
+
+
+def test_a_load_keeps_whole_bytes_payloads_and_copies_views_of_buffers_that_may_be_reused():
+    # The load contract (backend/daemon.py): a payload viewing a whole bytes
+    # object may be kept as that object; any other is copied before load returns.
+    state = bytes(deterministic_state(SIZE, 6))
+    whole = [state[i : i + BLOCK_SIZE] for i in range(0, SIZE, BLOCK_SIZE)]
+    reused = bytearray(state)
+    dest = MemState()
+    dest.load(iter(stream((RecordType.DATA, whole))))
+    assert all(kept is sent for kept, sent in zip(dest.blocks(), whole, strict=True))
+    dest.load(Record(n, RecordType.DATA, memoryview(reused)[i : i + 40000].toreadonly(), 40000, 40000)
+              for n, i in enumerate(range(0, SIZE, 40000)) if SIZE - i >= 40000)
+    reused[:] = bytes(len(reused))  # the library reusing its buffer after the load
+    assert b"".join(dest.blocks()) == state[: SIZE // 40000 * 40000]
 
 
 def test_an_empty_raw_state_loads_as_no_memory(tmp_path):

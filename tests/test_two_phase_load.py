@@ -136,7 +136,7 @@ async def test_auto_commit_is_the_default(client, pair):
     ({"commit": Variant("b", True)}, "commit must be of D-Bus type 's', got 'b'"),
     ({"commit-timeout": Variant("u", 0)}, "commit-timeout must be 1..3600 seconds, got 0"),
     ({"commit-timeout": Variant("i", 5)}, "commit-timeout must be of D-Bus type 'u', got 'i'"),
-    ({"verify": Variant("b", True)}, "unknown Load options: verify"),
+    ({"verify": Variant("b", True)}, "unknown Load options: .verify."),
 ])  # fmt: skip
 async def test_load_options_have_one_type_and_a_range(client, pair, options, refused):
     backend, *_ = pair

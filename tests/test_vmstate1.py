@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import subprocess
 
 import pytest
 
-from dbus_vmstate2.backend import Backend, ThreadedBackend, inline_capacity
+from dbus_vmstate2.backend import Backend, InlineMode, ThreadedBackend, inline_capacity
+from dbus_vmstate2.backend.inline import SAMPLE_SIZE, SAMPLES, decode_inline, encode_inline, worth_compressing
 from dbus_vmstate2.errors import BackendFailed, ErrorName, IdMismatch, LimitExceeded, StreamError
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT
-from dbus_vmstate2.stream import Compression
+from dbus_vmstate2.stream import Compression, encode_stream
 from dbus_vmstate2.vmm import list_backends
 from dbus_vmstate2.vmm.calls import BUS_NAME, call
 from dbus_vmstate2.vmm.vmstate1 import load_inline, save_inline
@@ -280,3 +282,70 @@ async def test_vmstate1_calls_are_numbered_transfers_with_their_real_counters(bu
             await asyncio.sleep(0.02)
     assert finished == [[1, "save", "", "", 1, 6000, len(blob)], [2, "load", "", "", 1, 6000, len(blob)]]
     assert store.state == b"state " * 1000 and store.loads == 1
+
+
+# -- how a blob is made: pure, no bus ------------------------------------------------
+
+
+def mildly_compressible(size: int, seed: int) -> bytes:
+    """Bytes that zstd level 1 shrinks by about 5 %: random, but never 200 or over."""
+    return bytes(b % 200 for b in random.Random(seed).randbytes(size))
+
+
+def sampled_random_elsewhere_zero(size: int) -> bytes:
+    """Zeros, except random bytes exactly where worth_compressing samples."""
+    state = bytearray(size)
+    step = size // SAMPLES
+    for start in range(0, SAMPLES * step, step):
+        state[start : start + SAMPLE_SIZE] = random.Random(start).randbytes(SAMPLE_SIZE)
+    return bytes(state)
+
+
+def compression_of(blob: bytes) -> Compression:
+    return Compression(blob[12])  # docs/stream-format.md §2
+
+
+@pytest.mark.parametrize(
+    ("state", "worth"),
+    [
+        (bytes(deterministic_state(900_000, 1)), False),
+        (mildly_compressible(900_000, 2), False),
+        (b"inode=1234 handle=abcd path=/srv/share\n" * 20_000, True),
+        (bytes(900_000), True),
+        (b"", False),
+        (b"tiny", False),
+    ],
+    ids=["random", "shrinks-5%", "text", "zeros", "empty", "tiny"],
+)
+def test_zstd_is_tried_only_on_a_state_whose_sample_shrinks_by_a_tenth(state, worth):
+    assert worth_compressing([state]) is worth
+    # cut anywhere into records, the sample is the same
+    assert worth_compressing([state[:1000], state[1000:300_000], state[300_000:]]) is worth
+    blob = encode_inline("w", [state])
+    assert compression_of(blob) is (Compression.ZSTD if worth else Compression.NONE)
+    assert b"".join(r.payload for r in decode_inline("w", blob)) == state
+
+
+def test_the_sample_decides_only_whether_to_try_on_a_state_that_fits_uncompressed():
+    fits = sampled_random_elsewhere_zero(inline_capacity("s") - 10_000)
+    assert not worth_compressing([fits])
+    assert compression_of(encode_inline("s", [fits])) is Compression.NONE  # though the whole would shrink
+    too_large = sampled_random_elsewhere_zero(VMSTATE1_SIZE_LIMIT + 10_000)
+    assert not worth_compressing([too_large])
+    blob = encode_inline("s", [too_large])  # compressed, since it fits no other way
+    assert compression_of(blob) is Compression.ZSTD and len(blob) < VMSTATE1_SIZE_LIMIT // 2
+    assert b"".join(r.payload for r in decode_inline("s", blob)) == too_large
+
+
+def test_blobs_compressed_before_the_sample_still_load():
+    # Before, any state that zstd shrank at all was sent compressed.
+    state = mildly_compressible(300_000, 4)
+    old = encode_stream("old", [state], Compression.ZSTD)
+    assert compression_of(old) is Compression.ZSTD and len(old) < len(state)
+    assert compression_of(encode_inline("old", [state])) is Compression.NONE
+    assert b"".join(r.payload for r in decode_inline("old", old)) == state
+
+
+def test_a_legacy_blob_of_one_bytes_record_is_that_record():
+    state = bytes(deterministic_state(1000, 1))
+    assert encode_inline("l", [state], mode=InlineMode.LEGACY) is state

@@ -105,6 +105,34 @@ class Channel:
             except OSError as exc:
                 raise VMStateError(f"reading the stream failed: {exc.strerror}") from None
 
+    def read_exactly(self, size: int) -> memoryview:
+        """Read ``size`` bytes into a new buffer, fewer only at end of file.
+
+        Returns:
+            A read-only view of the bytes read: the buffer is never written
+            again, so whoever holds a view of it may keep it.
+
+        Raises:
+            Cancelled: :meth:`cancel` was called.
+            VMStateError: a read failed.
+        """
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            self._check()
+            try:
+                got = os.readv(self.fd, [view[done:]])
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
+            except OSError as exc:
+                raise VMStateError(f"reading the stream failed: {exc.strerror}") from None
+            if not got:
+                break
+            done += got
+        return view[:done].toreadonly()
+
     def close(self) -> None:
         """Close the caller's fd and our wake-up pipe; safe to call more than once."""
         if self.fd >= 0 and getattr(self, "_was_blocking", False):

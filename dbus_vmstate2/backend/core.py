@@ -22,6 +22,7 @@ from the table.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -486,7 +487,8 @@ class Backend:
 
         async def work() -> None:
             await self._in_thread(
-                job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative, job.gate
+                job, load_stream, job.channel, self.id, self._daemon.load, job.progress, self._iterative,
+                self._workers.submit, job.gate,
             )
 
         # A bug of ours in mid-load may have handed the daemon bad records.
@@ -557,8 +559,12 @@ class Backend:
 
         async def work() -> None:
             nonlocal blob
-            state = await call_daemon("save", self._workers, self._daemon.save)
-            blob = await call_daemon("save", self._workers, self._encode_inline, state, job.progress)
+            save = self._daemon.save
+            if inspect.iscoroutinefunction(save):
+                state = await call_daemon("save", self._workers, save)
+                blob = await call_daemon("save", self._workers, self._encode_inline, state, job.progress)
+            else:  # one hop into a worker, not two: this is time inside QEMU's downtime
+                blob = await call_daemon("save", self._workers, lambda: self._encode_inline(save(), job.progress))
 
         await self._run(job, work, on_bug=Event.FAILED)
         self._raise_outcome(job.transfer)

@@ -19,11 +19,31 @@ Which thread calls what:
   in its own: they must be thread-safe against the daemon's own changes.
 * ``load`` gets an iterator of verified :class:`~dbus_vmstate2.stream.Record`
   (``.type``: DATA, END_OF_INITIAL or DIRTY; ``.payload``: a read-only
-  memoryview; copy what you keep beyond the call).
+  memoryview; what may be kept of it: below).
   The iterator raises (StreamError, Cancelled, ...) instead of ending if
   anything is wrong, the stream's trailer being checked before the last
   iteration ends.  Stage, then commit after the loop: then a failed
   transfer leaves the daemon's state exactly as it was.
+
+What a daemon may keep of a payload, without copying it:
+
+* a payload whose ``payload.obj`` is a ``bytes`` object (``type(payload.obj)
+  is bytes``) views bytes that never change: keep it as long as you like.
+  If it covers that object whole (``payload.nbytes == len(payload.obj)``),
+  keep ``payload.obj`` itself, a ``bytes`` at no cost.  A view of part of
+  one keeps the whole object alive (up to a read's worth of the stream
+  beside it): keep such a view only briefly, or copy its bytes
+  (``bytes(payload)``);
+* any other payload (a view of a buffer the library may reuse) is valid
+  only during the ``load`` call: copy what you keep beyond it.
+
+Test for ``bytes`` rather than rely on what a payload happens to be.
+Today a VMState2 load gives: for a zstd record, a view of the whole
+``bytes`` it decompressed into; for an uncompressed record, a read-only view
+of the buffer the record was read into (with the next record's header: one
+read per record, no copy), which is not ``bytes``: copy it.  A VMState1
+blob's records are views of the blob, a ``bytes``.  examples/memstate.py
+keeps whole ``bytes`` payloads and copies the rest once.
 """
 
 from __future__ import annotations

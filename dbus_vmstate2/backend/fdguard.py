@@ -7,8 +7,8 @@ one of the caller's:
   raw index (0: our own stdin) since dbus-fast 5.0.19; it is refused with
   ``org.freedesktop.DBus.Error.InvalidArgs``;
 * an fd open the wrong way for its method (the read end of a pipe handed to
-  Save, which would fail its first write, or the write end to Load) is
-  refused the same way, before anything starts;
+  Save, which would fail its first write, or the write end to Load), a
+  directory or an O_PATH fd is refused the same way, before anything starts;
 * fds that arrive on a message no handler of ours takes (an unknown member,
   a wrong signature, a signal) are never closed by the library; we close
   them.
@@ -98,10 +98,19 @@ class FdGuard:
 def _wrong_way(fd: int, use: str) -> str:
     """Why ``fd`` cannot serve for ``use``, in words; empty if it can."""
     try:
-        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
     except OSError as exc:
         return f"it cannot be used ({exc.strerror})"
+    # Neither can ever carry a stream, and an O_PATH fd cannot even be made
+    # non-blocking: refused here, they would fail later as an internal error
+    # (O_PATH) or a read error (a directory) after a transfer had started.
+    if flags & getattr(os, "O_PATH", 0):
+        return "it was opened with O_PATH, so it can be neither read nor written"
+    if kind == stat.S_IFDIR:
+        return "it is a directory"
+    mode = flags & os.O_ACCMODE
+    fifo = kind == stat.S_IFIFO
     if mode == os.O_RDWR or mode == (os.O_RDONLY if use == READ else os.O_WRONLY):
         return ""
     other = WRITE if use == READ else READ

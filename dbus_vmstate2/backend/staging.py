@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..errors import Cancelled, Unsupported
+from ..errors import Cancelled, Unsupported, quote, quote_some
 
 COMMIT_TIMEOUT = 60
 """Default seconds a staged load waits for Commit."""
@@ -53,7 +53,7 @@ class LoadOptions:
         """
         unknown = set(options) - set(cls.TYPES)
         if unknown:
-            raise Unsupported(f"unknown Load options: {', '.join(sorted(unknown))} (known: commit, commit-timeout)")
+            raise Unsupported(f"unknown Load options: {quote_some(unknown)} (known: commit, commit-timeout)")
         for name, variant in options.items():
             if variant.signature != cls.TYPES[name]:
                 raise Unsupported(
@@ -61,7 +61,7 @@ class LoadOptions:
                 )
         mode = options["commit"].value if "commit" in options else "auto"
         if mode not in cls.MODES:
-            raise Unsupported(f"unknown Load commit mode {mode!r} (known: auto, explicit)")
+            raise Unsupported(f"unknown Load commit mode {quote(str(mode))} (known: auto, explicit)")
         timeout = options["commit-timeout"].value if "commit-timeout" in options else COMMIT_TIMEOUT
         if not 1 <= timeout <= MAX_COMMIT_TIMEOUT:
             raise Unsupported(f"the Load option commit-timeout must be 1..{MAX_COMMIT_TIMEOUT} seconds, got {timeout}")

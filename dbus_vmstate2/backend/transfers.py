@@ -10,12 +10,13 @@ the daemon consumes and nothing is encoded ahead of what the pipe takes.
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import BackendFailed, Malformed, Unsupported, VMStateError
+from ..errors import BackendFailed, Malformed, Unsupported, VMStateError, quote, quote_some
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
 from ..stream._format import MAX_LEVEL, MIN_LEVEL
 from .channel import Channel
@@ -24,6 +25,9 @@ from .records import BytesLike, SaveResult, iter_records, nbytes
 from .staging import StagedGate
 
 log = logging.getLogger("dbus_vmstate2.backend")
+
+READ_AHEAD = 2
+"""Verified records a load reads ahead of the daemon."""
 
 
 @dataclass
@@ -62,7 +66,7 @@ class SaveOptions:
         """
         unknown = set(options) - set(cls.TYPES)
         if unknown:
-            raise Unsupported(f"unknown Save options: {', '.join(sorted(unknown))} (known: compression, level, workers)")
+            raise Unsupported(f"unknown Save options: {quote_some(unknown)} (known: compression, level, workers)")
         for name, variant in options.items():
             if variant.signature != cls.TYPES[name]:
                 raise Unsupported(
@@ -77,7 +81,7 @@ class SaveOptions:
                 values["compression"] = None
             if values["compression"] is None:
                 known = ", ".join(c.name.lower() for c in Compression)
-                raise Unsupported(f"unknown compression {name!r} (known: {known})")
+                raise Unsupported(f"unknown compression {quote(str(name))} (known: {known})")
         if not MIN_LEVEL <= values.get("level", MIN_LEVEL) <= MAX_LEVEL:  # checked with either compression
             raise Unsupported(f"the Save option level must be {MIN_LEVEL}..{MAX_LEVEL}, got {values['level']}")
         options = cls(**values)
@@ -199,11 +203,13 @@ def load_stream(
     load: Callable[[Iterator[Record]], Any],
     progress: Progress,
     iterative: bool,
+    submit: Callable[..., Future[None]],
     staged: StagedGate | None = None,
 ) -> None:
     """Read and verify a stream from ``channel``, handing its records to ``load``.
 
     Args:
+        submit: runs the reading thread (the back-end's workers' ``submit``).
         iterative: the daemon takes an iterative save's END_OF_INITIAL and
             DIRTY records; else they fail the load with Unsupported.
         staged: a two-phase load's gate: once the whole stream verified, the
@@ -217,7 +223,14 @@ def load_stream(
             returned before the stream had verified; its state is not known
             to be good.  ``error`` holds the reason.
     """
-    reader = _RecordReader(channel, backend_id, progress, iterative, staged)
+    reader = _RecordReader(channel, backend_id, progress, iterative, staged, submit)
+    try:
+        _daemon_load(load, reader)
+    finally:
+        reader.stop()
+
+
+def _daemon_load(load: Callable[[Iterator[Record]], Any], reader: _RecordReader) -> None:
     try:
         load(reader.records())
     except VMStateError as exc:
@@ -239,16 +252,36 @@ def load_stream(
 
 
 class _RecordReader:
-    """Feeds the channel to a StreamDecoder and yields verified records."""
+    """Reads and verifies the stream ahead of the daemon, and yields its records.
+
+    A second worker thread (``submit``) reads each record into a buffer of
+    its own and verifies it (CRC-32 or zstd, both of which release the GIL)
+    while the daemon consumes the one before: reading, checking and the
+    daemon's own work overlap, as a save's encoding and writing do.  At most
+    :data:`READ_AHEAD` verified records wait for the daemon, so memory stays
+    at a few records.  The end of the stream (its trailer verified and the
+    end of file seen) is yielded to no one: the record iterator just ends,
+    after a two-phase load's Commit.
+    """
 
     def __init__(
-        self, channel: Channel, backend_id: str, progress: Progress, iterative: bool, staged: StagedGate | None
+        self,
+        channel: Channel,
+        backend_id: str,
+        progress: Progress,
+        iterative: bool,
+        staged: StagedGate | None,
+        submit: Callable[..., Future[None]],
     ) -> None:
         self._channel = channel
         self._iterative = iterative
         self._staged = staged
+        self._submit = submit
         self._decoder = StreamDecoder(expected_id=backend_id)
         self._progress = progress
+        self._ahead: queue.Queue[Record | BaseException | None] = queue.Queue(READ_AHEAD)
+        self._producer: Future[None] | None = None
+        self._stopping = False
         self.error: VMStateError | None = None
         self.verified = False
 
@@ -262,14 +295,66 @@ class _RecordReader:
             raise
 
     def _records(self) -> Iterator[Record]:
+        if self._producer is None:
+            self._producer = self._submit(self._produce)
         while not self.verified:
+            item = self._ahead.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:  # the whole stream verified, and its end of file seen
+                if self._staged is not None:
+                    self._staged.wait()
+                self.verified = True
+            else:
+                self._progress.records += 1
+                self._progress.raw_bytes += item.raw_size
+                yield item
+
+    def stop(self) -> None:
+        """End the reading thread and wait for it (the transfer is over)."""
+        if self._producer is None:
+            return
+        self._stopping = True
+        if not self._producer.done():
+            self._channel.cancel()  # wakes a read; the channel is closed only after we return
+        while not self._producer.done():
+            try:  # make room for a put that waits
+                self._ahead.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        wait([self._producer])
+
+    # -- in the reading thread -------------------------------------------------
+
+    def _produce(self) -> None:
+        try:
+            self._read_stream()
+        except BaseException as exc:  # the consumer raises it in the daemon's thread
+            self._put(exc)
+        else:
+            self._put(None)
+
+    def _put(self, item: Record | BaseException | None) -> None:
+        while not self._stopping:
+            try:
+                self._ahead.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+
+    def _read_stream(self) -> None:
+        while not self._stopping:
             event = self._decoder.next_event()
             if event is NEED_DATA:
-                data = self._channel.read()
+                # Exactly what completes the unit (a payload and the next
+                # record's header), into a buffer of its own: one read per
+                # record, and each payload a view of it, never joined.
+                size = self._decoder.read_size()
+                data = self._channel.read_exactly(size)
                 self._progress.stream_bytes += len(data)
                 if data:
                     self._decoder.feed(data)
-                else:
+                if len(data) < size:  # the end of file
                     self._decoder.feed_eof()
             elif isinstance(event, Record):
                 if event.type is not RecordType.DATA and not self._iterative:
@@ -277,14 +362,10 @@ class _RecordReader:
                         f"the stream is an iterative save's (a {event.type.name} record), and this back-end's "
                         "daemon takes only one-shot saves"
                     )
-                self._progress.records += 1
-                self._progress.raw_bytes += event.raw_size
-                yield event
+                self._put(event)
             elif isinstance(event, StreamEnd):
                 self._expect_eof()
-                if self._staged is not None:
-                    self._staged.wait()
-                self.verified = True
+                return
 
     def _expect_eof(self) -> None:
         # Checked before the daemon's loop ends, that is before it commits.

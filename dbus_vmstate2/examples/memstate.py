@@ -203,11 +203,23 @@ class MemState(DirtyStore):
 
 
 class _MemoryImage:
-    """Decodes DATA payloads: the memory, cut into blocks wherever the records were cut."""
+    """Decodes DATA payloads: the memory, cut into blocks wherever the records were cut.
+
+    Each block is made with at most one copy (the least a daemon that keeps
+    its state as ``bytes`` can do; two for a block pieced together from
+    several reused buffers), as the load contract allows
+    (backend/daemon.py): a payload that is a view of a whole ``bytes`` object
+    is that object, kept as it is when it is exactly a block; a view of part
+    of a ``bytes`` object is kept as a view until its block is complete (an
+    immutable object, pinned for at most one block), and the pieces of a
+    block are joined once; any other payload (a view of a buffer the library
+    may reuse) is copied before the call returns.
+    """
 
     def __init__(self) -> None:
         self._number = 0
-        self._partial = bytearray()
+        self._pieces: list[bytes | memoryview] = []
+        self._filled = 0
         self._closed = False
 
     def feed(self, payload: memoryview) -> list[Entry]:
@@ -215,30 +227,32 @@ class _MemoryImage:
             raise ValueError("memory data after the DIRTY records began: the image must come first")
         view = memoryview(payload).cast("B")
         whole = view.obj
-        if not self._partial and type(whole) is bytes and len(whole) == view.nbytes == BLOCK_SIZE:
-            # The payload is a whole bytes object (zstd's output, or a record
-            # the decoder joined from two reads): immutable, so keep it, not a copy.
-            return [self._next(whole)]
+        immutable = type(whole) is bytes
+        if immutable and not self._pieces and len(whole) == view.nbytes == BLOCK_SIZE:
+            return [self._next(whole)]  # zstd's output, or a record the decoder joined: no copy
         blocks = []
         while view:
-            if not self._partial and len(view) >= BLOCK_SIZE:
-                block, view = bytes(view[:BLOCK_SIZE]), view[BLOCK_SIZE:]
-            else:
-                take = min(BLOCK_SIZE - len(self._partial), len(view))
-                self._partial += view[:take]
-                view = view[take:]
-                if len(self._partial) < BLOCK_SIZE:
-                    break
-                block, self._partial = bytes(self._partial), bytearray()
-            blocks.append(self._next(block))
+            take = min(BLOCK_SIZE - self._filled, len(view))
+            piece, view = view[:take], view[take:]
+            if immutable and piece.nbytes == len(whole):
+                piece = whole
+            self._pieces.append(piece if immutable else piece.tobytes())
+            self._filled += take
+            if self._filled == BLOCK_SIZE:
+                blocks.append(self._next(self._join()))
         return blocks
 
     def close(self) -> list[Entry]:
         self._closed = True
-        if not self._partial:
-            return []
-        block, self._partial = bytes(self._partial), bytearray()
-        return [self._next(block)]
+        return [self._next(self._join())] if self._pieces else []
+
+    def _join(self) -> bytes:
+        """The block made of the pieces so far, copied once at most (a lone
+        ``bytes`` piece is the block itself)."""
+        pieces, self._pieces, self._filled = self._pieces, [], 0
+        if len(pieces) == 1 and type(pieces[0]) is bytes:
+            return pieces[0]
+        return b"".join(pieces)
 
     def _next(self, block: bytes) -> Entry:
         self._number += 1

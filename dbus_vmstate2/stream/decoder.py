@@ -201,6 +201,28 @@ class StreamDecoder:
             self._error = _after_trailer(self._in.size)
             raise self._error
 
+    def read_size(self) -> int:
+        """The best size for the caller's next read: the bytes that complete
+        the unit being decoded (the header, a record header or trailer, a
+        payload), plus, after a payload, the next record's header.
+
+        A reader that fills a fresh read-only buffer of exactly this size
+        before feeding it hands the decoder whole units: each payload lies
+        in one buffer and is returned as a view of it, never joined from
+        pieces, with one read per record.  0 once the stream has ended.
+        """
+        if self._state is _State.DONE:
+            return 0
+        if self._state is _State.HEADER:
+            fixed = self._in.size >= HEADER_FIXED_SIZE
+            need = header_size(self._in.peek(HEADER_FIXED_SIZE)) if fixed else HEADER_FIXED_SIZE
+        elif self._state is _State.UNIT:
+            is_trailer = self._in.size > 0 and self._in.peek(1)[0] == TRAILER_TYPE
+            need = TRAILER_SIZE if is_trailer else RECORD_HEADER_SIZE
+        else:
+            need = self._rec[2] - self._skipped + RECORD_HEADER_SIZE
+        return max(need - self._in.size, 1)
+
     def feed_eof(self) -> None:
         """Mark the end of input; a stream then lacking its trailer raises Truncated."""
         self._eof = True

@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .control import CancelReport, ResetReport, StatusReport, TransferReport, cancel_latest, reset, resume, status
+    from .incoming import incoming
     from .live import save_live
+    from .migrate import migrate
     from .discovery import BackendInfo, BackendStatus, connect, describe, list_backends
     from .precopy import PreCopyConfig, PreCopyPlan
     from .savefile import UnusableFile
     from .session import Session, open_session
-    from .transfers import Progress, load_from_file, save_to_file
+    from .loading import StagedLoads, load_from_file
+    from .transfers import Progress, save_to_file
 
 _HOMES = {
     "BackendInfo": ".discovery",
@@ -28,14 +31,17 @@ _HOMES = {
     "Progress": ".transfers",
     "ResetReport": ".control",
     "Session": ".session",
+    "StagedLoads": ".loading",
     "StatusReport": ".control",
     "TransferReport": ".control",
     "UnusableFile": ".savefile",
     "cancel_latest": ".control",
     "connect": ".discovery",
     "describe": ".discovery",
+    "incoming": ".incoming",
     "list_backends": ".discovery",
-    "load_from_file": ".transfers",
+    "load_from_file": ".loading",
+    "migrate": ".migrate",
     "open_session": ".session",
     "reset": ".control",
     "resume": ".control",

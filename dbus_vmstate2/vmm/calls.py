@@ -9,7 +9,7 @@ from typing import Any, Self
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..errors import BackendFailed, BusLost, from_dbus_error
+from ..errors import BackendFailed, BusLost, VMStateError, from_dbus_error
 from ..names import OBJECT_PATH, VMSTATE2
 
 BUS_NAME = "org.freedesktop.DBus"
@@ -17,6 +17,8 @@ CALL_TIMEOUT = 30.0
 """Seconds to wait for a reply: every VMState method answers at once (the
 work runs after the reply), so only a hung or stopped peer takes longer."""
 PROPERTIES = "org.freedesktop.DBus.Properties"
+CLEANUP_TIMEOUT = 5.0
+"""Seconds for a call that only tidies up after a failure."""
 
 
 async def call(
@@ -51,12 +53,22 @@ async def call(
         body=list(body),
         unix_fds=list(unix_fds),
     )
+    if not bus.connected:
+        raise BusLost(f"the connection to the bus was lost (the bus daemon went away?) before {interface}.{member}")
     try:
         reply = await asyncio.wait_for(bus.call(message), timeout)
     except TimeoutError:
         raise BackendFailed(f"{destination} did not answer {interface}.{member} within {timeout:g} s") from None
-    except (EOFError, ConnectionError) as exc:
-        raise BusLost(f"the bus connection ended during {interface}.{member}: {exc or type(exc).__name__}") from exc
+    except (EOFError, OSError) as exc:
+        # Once the bus daemon is gone dbus-fast closes the socket, and a call
+        # that was already on its way fails on the closed fd (EBADF), not
+        # with a ConnectionError.
+        if bus.connected and not isinstance(exc, ConnectionError):
+            raise
+        raise BusLost(
+            f"the connection to the bus was lost (the bus daemon went away?) during {interface}.{member}: "
+            f"{exc or type(exc).__name__}"
+        ) from exc
     if reply.message_type is MessageType.ERROR:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         raise from_dbus_error(reply.error_name or "", text)
@@ -81,8 +93,17 @@ class SignalWatch:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._bus.remove_message_handler(self._on_message)
-        if self._bus.connected:
-            await call(self._bus, BUS_NAME, BUS_NAME, "RemoveMatch", "s", [self._rule], path="/org/freedesktop/DBus")
+        if not self._bus.connected:
+            return
+        try:
+            await call(self._bus, BUS_NAME, BUS_NAME, "RemoveMatch", "s", [self._rule], path="/org/freedesktop/DBus",
+                       timeout=CALL_TIMEOUT if exc_info[0] is None else CLEANUP_TIMEOUT)  # fmt: skip
+        except VMStateError:
+            # Already failing (a bus that stopped answering, say): that error
+            # is the one to report, and a rule left behind goes with the
+            # connection.
+            if exc_info[0] is None:
+                raise
 
     def _on_message(self, msg: Message) -> None:
         if msg.message_type is MessageType.SIGNAL and msg.interface == VMSTATE2 and msg.member == self.MEMBER:

@@ -24,15 +24,26 @@ from typing import Any
 
 from dbus_fast.aio import MessageBus
 
-from ..errors import BackendFailed, Corrupt, DiscoveryError, IdMismatch, LinkFailed, StreamError, Truncated, VMStateError
+from ..errors import (
+    BackendFailed,
+    Corrupt,
+    DiscoveryError,
+    IdMismatch,
+    LinkFailed,
+    StreamError,
+    Truncated,
+    Unsupported,
+    VMStateError,
+)
 from ..names import VMSTATE2
-from .calls import call
 from ..stream import NEED_DATA
 from ..stream.container import ContainerEnd, ContainerReader, ContainerWriter, SegmentData, StreamInfo
+from .calls import call
 from .discovery import BackendInfo
+from .loading import StagedLoads, write_all
 from .migrate import read_message
-from .transfers import STALL_TIMEOUT, Progress, in_thread, labelled, write_all
 from .qemu import QemuDestination
+from .transfers import STALL_TIMEOUT, Progress, in_thread, labelled
 from .transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Connection, Listener, TlsCreds, listen
 from .uri import Uri
 from .wire import Kind, Message, MessageReader, encode, hello_backends
@@ -66,7 +77,8 @@ class IncomingSummary:
     wire_bytes: int
     seconds: float
     """From the source's HELLO to the COMMITTED sent."""
-    commit_seconds: list[float]
+    load_seconds: dict[str, float]
+    """Each back-end's load, from its Load to its outcome."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -132,11 +144,6 @@ async def incoming(
 async def _receive(
     bus: MessageBus, backends: Sequence[BackendInfo], conn: Connection, progress: Progress, timeouts: IncomingTimeouts,
 ) -> IncomingSummary:
-    try:
-        from .loading import StagedLoads  # the two-phase commit across back-ends
-    except ImportError:  # TEMPORARY, until vmm/loading.py is merged from main
-        from ._staged_standin import StagedLoads
-
     reader = MessageReader()
     hello = await read_message(conn, reader, timeouts.io, "a HELLO")
     started = time.monotonic()
@@ -152,7 +159,13 @@ async def _receive(
         await _tell(conn, Kind.REFUSED, exc)
         raise
     try:
-        async with StagedLoads(bus, ordered, progress, stall_timeout=timeouts.stall, commit_timeout=timeouts.commit) as loads:
+        async with StagedLoads(bus, ordered, progress, stall_timeout=timeouts.stall,
+                               commit_timeout=max(1, int(timeouts.commit))) as loads:  # fmt: skip
+            if not loads.all_two_phase:
+                raise Unsupported(
+                    "a back-end here has no two-phase load (Capabilities two-phase-load): it would apply its "
+                    "stream alone, before the others verified; update it to migrate all or nothing"
+                )
             await conn.send(encode(Message(Kind.READY, {"backends": ids})))
             progress.begin("receiving")
             progress.backends = len(ids)
@@ -167,7 +180,7 @@ async def _receive(
     except BaseException as exc:
         await _tell(conn, Kind.FAILED, exc)
         raise
-    return IncomingSummary(conn.peer, streams, conn.sent, time.monotonic() - started, list(seconds or []))
+    return IncomingSummary(conn.peer, streams, conn.sent, time.monotonic() - started, seconds)
 
 
 def _match(ids: list[str], backends: Sequence[BackendInfo]) -> list[BackendInfo]:

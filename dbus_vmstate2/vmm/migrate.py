@@ -226,7 +226,7 @@ def refusal(message: Message, peer: str) -> PeerRefused:
 async def _handshake(conn: Connection, backends: Sequence[BackendInfo], reader: MessageReader) -> None:
     await conn.send(encode(Message(Kind.HELLO, {"backends": [b.id for b in backends]})))
     answer = await read_message(conn, reader, conn.io_timeout, "its READY answer to our HELLO")
-    if answer.kind is Kind.REFUSED:
+    if answer.kind in (Kind.REFUSED, Kind.FAILED):  # FAILED: its loads could not start
         raise refusal(answer, conn.peer)
     if answer.kind is not Kind.READY:
         raise LinkFailed(f"{conn.peer} answered our HELLO with {answer.kind.name}, expected READY or REFUSED")

@@ -314,15 +314,21 @@ class SaveFileReader:
         """
         return self._walk(None, chunk_size)
 
-    def stream_chunks(self, stream: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def stream_chunks(self, stream: int, chunk_size: int = 1 << 20, *, reuse: bool = False) -> Iterator[Buffer]:
         """Yield the bytes of one stream, in order, skipping the others.
+
+        Args:
+            reuse: read every chunk into one buffer, and yield views of it:
+                each is valid only until the next is asked for (no memory is
+                allocated, and faulted in, per chunk).
 
         Raises:
             StreamError: as segments().
         """
-        return (data for _, data in self._walk(stream, chunk_size))
+        buffer = memoryview(bytearray(chunk_size)) if reuse else None
+        return (data for _, data in self._walk(stream, chunk_size, buffer))
 
-    def _walk(self, only: int | None, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    def _walk(self, only: int | None, chunk_size: int, buffer: memoryview | None = None) -> Iterator[tuple[int, Buffer]]:
         count = len(self.streams)
         seen_bytes, seen_segments = [0] * count, [0] * count
         pos = FILE_HEADER_SIZE
@@ -340,7 +346,7 @@ class SaveFileReader:
             seen_segments[stream] += 1
             if only is None or stream == only:
                 for start in range(pos, pos + length, chunk_size):
-                    yield stream, self._read(start, min(chunk_size, pos + length - start))
+                    yield stream, self._read(start, min(chunk_size, pos + length - start), buffer)
             pos += length
         for number, info in enumerate(self.streams):
             if (seen_bytes[number], seen_segments[number]) != (info.stream_bytes, info.segments):
@@ -349,8 +355,11 @@ class SaveFileReader:
                     f"{seen_segments[number]} segments, the index says {info.stream_bytes} in {info.segments}"
                 )
 
-    def _read(self, offset: int, size: int) -> bytes:
-        data = os.pread(self._fd, size, offset)
+    def _read(self, offset: int, size: int, buffer: memoryview | None = None) -> Buffer:
+        if buffer is None:
+            data: Buffer = os.pread(self._fd, size, offset)
+        else:
+            data = buffer[: os.preadv(self._fd, [buffer[:size]], offset)]
         if len(data) != size:
             raise Truncated(f"{self.path}: read {len(data)} bytes at {offset}, expected {size}")
         return data

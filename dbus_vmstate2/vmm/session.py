@@ -72,4 +72,7 @@ async def open_session(
 
 async def _leave(bus: MessageBus) -> None:
     bus.disconnect()
-    await bus.wait_for_disconnect()
+    try:
+        await bus.wait_for_disconnect()
+    except (EOFError, OSError):  # the bus daemon went away first: the error that matters is already raised
+        pass

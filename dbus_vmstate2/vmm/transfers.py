@@ -1,4 +1,6 @@
-"""Save back-ends to a file and load them back, over VMState2.
+"""Save back-ends to a file over VMState2, and what every operation shares.
+
+(Loading, all or nothing, is in :mod:`.loading`.)
 
 The VMM side of a transfer: create a pipe, pass one end with ``Save`` or
 ``Load``, close our copy of that end once the reply is in (the bytes are then
@@ -24,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
-import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +37,9 @@ from dbus_fast.aio import MessageBus
 from ..fds import enlarge_pipe
 from ..errors import (
     BackendFailed,
+    BusLost,
     Cancelled,
-    Corrupt,
     ErrorName,
-    IdMismatch,
     NoBackends,
     StreamError,
     Unsupported,
@@ -52,7 +51,7 @@ from ..stream.container import StreamInfo
 from .calls import SignalWatch, call
 from .discovery import NOT_VMSTATE2, BackendInfo
 from .pump import CLOSE_TIMEOUT, StreamPump
-from .savefile import SaveFileReader, SaveFileWriter, save_target, verify_streams
+from .savefile import SaveFileWriter, save_target
 
 T = TypeVar("T")
 
@@ -64,9 +63,6 @@ STOP_TIMEOUT = 5.0
 """Seconds a back-end has to answer the Cancel of a failed operation; one that
 is stopped or hung ends its transfer itself once its stall timeout passes."""
 
-CHUNK = 1 << 20
-"""The largest piece a load writes into a back-end's pipe at once."""
-
 
 @dataclass
 class Progress:
@@ -76,8 +72,10 @@ class Progress:
     """
 
     phase: str = "starting"
-    """``verifying`` (a load reads the whole file first), ``saving``,
-    ``loading``, ``syncing`` (a save's final fsync and rename) or ``done``."""
+    """``verifying`` (a load of a back-end without two-phase loads reads the
+    whole file first), ``saving``, ``loading``, ``committing`` (a load's
+    back-ends all staged, and told to commit), ``syncing`` (a save's final
+    fsync and rename) or ``done``."""
     backends: int = 0
     """How many back-ends the operation moves."""
     done: dict[str, int] = field(default_factory=dict)
@@ -132,6 +130,10 @@ class FinishedSignals(SignalWatch):
             self._outcomes[(msg.sender, number)] = Outcome(number, error_name, message, records, raw_bytes, stream_bytes)
             self._event(msg.sender).set()
 
+    def outcome(self, backend: BackendInfo, number: int) -> Outcome | None:
+        """Transfer ``number``'s outcome, if its signal has come."""
+        return self._outcomes.get((backend.unique_name, number))
+
     def _event(self, sender: str) -> asyncio.Event:
         return self._events.setdefault(sender, asyncio.Event())
 
@@ -170,10 +172,13 @@ class FinishedSignals(SignalWatch):
             if latest != number and key not in self._outcomes:
                 raise VMStateError(f"transfer #{number} was superseded by #{latest} on the back-end, with no outcome seen")
             if latest == number:
+                # Not wait_for: on Python 3.11 it can swallow our own
+                # cancellation when the event fires at the same moment.
+                waiter = asyncio.ensure_future(event.wait())
                 try:
-                    await asyncio.wait_for(event.wait(), 1.0)
-                except TimeoutError:
-                    pass  # check again: a lost signal costs a second, not a hang
+                    await asyncio.wait({waiter}, timeout=1.0)  # a lost signal costs a second, not a hang
+                finally:
+                    waiter.cancel()
 
 
 @dataclass
@@ -453,161 +458,8 @@ async def _reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(outcome), 5.0)
     except VMStateError as reported:
-        if reported.remote_name in set(ErrorName):
+        if reported.remote_name in set(ErrorName) or isinstance(reported, BusLost):  # the bus died: say so
             raise
     except TimeoutError:
         pass
 
-
-async def load_from_file(
-    bus: MessageBus,
-    backends: Sequence[BackendInfo],
-    path: str | os.PathLike[str],
-    progress: Progress | None = None,
-    *,
-    verify: bool = True,
-    stall_timeout: float | None = STALL_TIMEOUT,
-) -> list[StreamInfo]:
-    """Load each back-end in ``backends`` from its stream in the file at ``path``.
-
-    The whole file is verified first (every stream decoded: a read of the
-    file and its decompression), so a damaged file is refused before any
-    back-end is touched; then each back-end verifies its own stream again as
-    it loads (Id, checksums, counts, digest) and applies it only when all of
-    it verified.  As with QEMU, back-ends on the bus that the file does not
-    mention are not touched, but every back-end named in ``backends`` must be
-    in the file.
-
-    Args:
-        verify: verify the whole file before loading (default True).
-        progress: updated with the phase and the bytes verified or sent.
-
-    Raises:
-        UnusableFile: ``path`` is not a regular file (a pipe cannot be read
-            index first).
-        NoBackends: ``backends`` is empty.
-        StreamError: the file is not a valid saved file.
-        IdMismatch: a back-end has no stream in the file.
-        VMStateError: the first back-end failure; every back-end keeps the
-            state it had unless its load succeeded.
-    """
-    progress = progress or Progress()
-    reader = await in_thread(SaveFileReader, path, discard=SaveFileReader.close)
-    try:
-        if not backends:
-            raise NoBackends("no back-ends to load")
-        progress.backends = len(backends)
-        streams = {}
-        for backend in backends:
-            try:
-                streams[backend.id] = reader.find(backend.id)
-            except KeyError:
-                held = ", ".join(info.backend_id for info in reader.streams) or "none"
-                raise IdMismatch(f"{os.fspath(path)} holds no state for back-end {backend.id!r} (it holds: {held})") from None
-        if verify:
-            progress.begin("verifying", {info.backend_id: info.stream_bytes for info in reader.streams})
-            stop = threading.Event()
-            errors = await in_thread(verify_streams, reader, _counter(progress), stop, stop=stop.set)
-            bad = [f"{info.backend_id!r}: {error}" for info, error in zip(reader.streams, errors, strict=True) if error]
-            if bad:
-                raise Corrupt(f"{os.fspath(path)} does not verify, nothing was loaded: {'; '.join(bad)}")
-        operation = Operation(bus, backends)
-        async with operation.signals:
-            progress.begin("loading", {b.id: reader.streams[streams[b.id]].stream_bytes for b in backends})
-            jobs = [_load_one(operation, reader, streams[b.id], b, progress, stall_timeout) for b in backends]
-            await operation.run(jobs)
-        progress.phase = "done"
-        return [reader.streams[streams[b.id]] for b in backends]
-    finally:
-        reader.close()
-
-
-def _counter(progress: Progress) -> Callable[[str, int], None]:
-    def count(backend_id: str, size: int) -> None:
-        progress.done[backend_id] = progress.done.get(backend_id, 0) + size
-
-    return count
-
-
-async def _load_one(
-    operation: Operation, reader: SaveFileReader, stream: int, backend: BackendInfo, progress: Progress,
-    stall_timeout: float | None,
-) -> None:
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    started = time.monotonic()
-    try:
-        enlarge_pipe(write_end)
-        try:
-            number = await operation.start(backend, "Load", read_end, {})
-        finally:
-            read_end = -1  # start() closed it
-        try:
-            pump_error: BaseException | None = None
-            try:
-                stop = threading.Event()
-                await in_thread(_pump_from_file, reader, stream, write_end, backend.id, progress, stall_timeout, stop,
-                                stop=stop.set)  # fmt: skip
-            except BrokenPipeError as exc:
-                pump_error = exc  # the back-end stopped reading: its outcome says why
-            os.close(write_end)
-            write_end = -1
-            await operation.signals.wait_finished(backend, number)
-            if pump_error is not None:
-                raise VMStateError("the back-end stopped reading its stream early") from pump_error
-        except VMStateError as exc:
-            raise labelled(backend, exc) from exc
-    finally:
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
-    progress.seconds[backend.id] = time.monotonic() - started
-
-
-def _pump_from_file(
-    reader: SaveFileReader, stream: int, fd: int, backend_id: str, progress: Progress,
-    stall_timeout: float | None, stop: threading.Event,
-) -> None:
-    """Write one stream of the file into a back-end's pipe.
-
-    Raises:
-        BrokenPipeError: the back-end closed its end.
-        BackendFailed: it read nothing for ``stall_timeout`` seconds.
-        Cancelled: ``stop`` was set.
-    """
-    total = 0
-    for data in reader.stream_chunks(stream, CHUNK):
-        write_all(fd, data, stall_timeout, stop, "the load")
-        total += len(data)
-        progress.done[backend_id] = total
-
-
-def write_all(fd: int, data: bytes | bytearray | memoryview, stall_timeout: float | None, stop: threading.Event,
-              what: str = "the transfer") -> None:  # fmt: skip
-    """Write all of ``data`` into a back-end's pipe ``fd`` (made non-blocking).
-
-    Raises:
-        BrokenPipeError: the back-end closed its end.
-        BackendFailed: it read nothing for ``stall_timeout`` seconds.
-        Cancelled: ``stop`` was set (seen within a quarter of a second).
-    """
-    if os.get_blocking(fd):
-        os.set_blocking(fd, False)
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-            continue
-        except BlockingIOError:
-            pass
-        waited = 0.0
-        while not poller.poll(250):  # a quarter of a second at a time: stop() is seen soon
-            if stop.is_set():
-                raise Cancelled(f"{what} was stopped")
-            waited += 0.25
-            if stall_timeout is not None and waited >= stall_timeout:
-                raise BackendFailed(
-                    f"it has read nothing of its stream for {waited:g} s (is it stopped or hung?): gave up "
-                    f"after the stall timeout of {stall_timeout:g} s"
-                )

@@ -1,0 +1,320 @@
+"""The rest of the fault matrix (tests/test_faults.py has the disk and the
+back-end): the bus daemon and the VMM helper killed, or stopped and
+continued, in the middle of a save and of a load.
+
+What a user gets:
+
+* the bus daemon killed: the command fails within seconds with one line
+  saying the bus went away (exit 1), leaves no file; each back-end's
+  transfer ends with its state untouched, and since a back-end cannot
+  rejoin a bus (it opens no socket once sandboxed), ``wait_closed()``
+  returns and memstate exits 0; one left ``stopped`` stays quiesced;
+* the bus daemon stopped, then continued: nothing is lost; the data never
+  went through the bus, and the command completes once it answers again
+  (a bus stopped for longer than a call's 30 s fails the command, naming
+  the call);
+* the helper stopped, then continued: it completes if it was stopped for
+  less than the back-ends' stall timeout; beyond that each back-end ends
+  its transfer itself, keeping its state, and the command fails with the
+  back-end's reason;
+* the helper killed: the back-ends see their pipe break and serve on; a
+  save leaves its temporary file ``.FILE.*.tmp`` (never a partial FILE).
+
+After each: no zombie, no fd leaked by a back-end that lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dbus_vmstate2.backend import Backend, DirtyStore
+from dbus_vmstate2.cli import main
+from dbus_vmstate2.examples.memstate import deterministic_state
+from dbus_vmstate2.privatebus import PrivateBus
+
+from .conftest import ROOT, BackendProcess, count_fds, start_memstate
+from .test_vmm import backend_state, temp_files, wait_for
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "PYTHONWARNINGS": "error"}
+BIG = 128 << 20
+SLOW_SAVE = ["--compression", "zstd", "--level", "15"]
+"""About 3 s for BIG here: time to hit the middle of the save."""
+LIVE_SAVE = ["--live", "--resume", "--compression", "none", "--max-bandwidth", "32M"]
+"""A pre-copy of about 4 s for BIG, then the switch-over and the back-ends resumed."""
+
+
+@pytest.fixture
+def bus() -> Iterator[PrivateBus]:
+    with PrivateBus() as private:
+        yield private
+
+
+@pytest.fixture
+def backends(bus) -> Iterator[Callable[..., BackendProcess]]:
+    started: list[BackendProcess] = []
+
+    def spawn(backend_id: str, *args: str) -> BackendProcess:
+        started.append(start_memstate(bus.address, backend_id, *args))
+        return started[-1]
+
+    yield spawn
+    for backend in started:
+        backend.stop()
+
+
+def command(address: str, *args: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "dbus_vmstate2", *args, "--address", address]
+    return subprocess.Popen(argv, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finish(process: subprocess.Popen[str], within: float) -> tuple[int, str]:
+    """The command's exit code and stderr; it must end within ``within`` seconds."""
+    try:
+        _, err = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError(f"the command did not end within {within} s") from None
+    return process.returncode, err
+
+
+def zombies(parent: int) -> list[int]:
+    """The children of ``parent`` that ended and were not reaped."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def no_zombies(*parents: int) -> None:
+    for parent in (os.getpid(), *parents):
+        assert zombies(parent) == [], f"unreaped children of {parent}"
+
+
+def saved_sizes(image: Path, capsys) -> dict[str, int]:
+    """Each stream's raw size, from ``inspect``, which verifies them all."""
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(image)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verified"]
+    return {s["id"]: s["raw_bytes"] for s in doc["streams"]}
+
+
+def stopped_for(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+# the bus daemon ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how, busy", [(SLOW_SAVE, "saving"), (LIVE_SAVE, "pre-copy")], ids=["one-shot", "live"])
+def test_the_bus_killed_in_mid_save(bus, backends, tmp_path, how, busy):
+    small, big = backends("small", "--size", "1M", "--seed", "1"), backends("big", "--size", str(BIG), "--seed", "2")
+    image = tmp_path / "vm.vmstate"
+    saver = command(bus.address, "save", str(image), *how)
+    wait_for(lambda: backend_state(bus.address, big) == busy, "the save to start")
+    started = time.monotonic()
+    os.kill(bus.pid, signal.SIGKILL)
+    code, err = finish(saver, 60)
+    assert code == 1 and "Traceback" not in err, err
+    assert "bus" in err and len(err.splitlines()) == 1, err
+    assert time.monotonic() - started < 30
+    assert not image.exists() and not temp_files(tmp_path)
+    # Each back-end ends its transfer and, with no bus to serve, leaves cleanly.
+    for backend in (small, big):
+        assert backend.process.wait(timeout=30) == 0
+    bus.stop()  # reaps the daemon we killed
+    no_zombies()
+
+
+def test_the_bus_killed_in_mid_load(bus, backends, tmp_path):
+    image = tmp_path / "vm.vmstate"
+    source = backends("big", "--size", str(2 * BIG), "--seed", "3")
+    assert main(["save", str(image), "--compression", "none", "--address", bus.address]) == 0
+    source.stop()
+    loaded = tmp_path / "big.loaded"
+    dest = backends("big", "--size", "1K", "--save-loaded", str(loaded))
+    loader = command(bus.address, "load", str(image), "--no-verify")
+    wait_for(lambda: backend_state(bus.address, dest) == "resuming", "the load to start")
+    started = time.monotonic()
+    os.kill(bus.pid, signal.SIGKILL)
+    code, err = finish(loader, 60)
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert time.monotonic() - started < 30
+    assert dest.process.wait(timeout=30) == 0
+    assert not loaded.exists()  # the half-read stream was never applied
+    bus.stop()
+    no_zombies()
+
+
+@pytest.mark.parametrize("operation", ["save", "load"])
+def test_the_bus_stopped_then_continued_in_mid_transfer(bus, backends, tmp_path, capsys, operation):
+    image = tmp_path / "vm.vmstate"
+    loaded = tmp_path / "big.loaded"
+    if operation == "save":
+        small = backends("small", "--size", "1M", "--seed", "1")
+        big = backends("big", "--size", str(BIG), "--seed", "2")
+        running = command(bus.address, "save", str(image), *SLOW_SAVE)
+        busy = "saving"
+    else:
+        source = backends("big", "--size", str(2 * BIG), "--seed", "2")
+        assert main(["save", str(image), "--compression", "none", "--address", bus.address]) == 0
+        source.stop()
+        big = backends("big", "--size", "1K", "--save-loaded", str(loaded))
+        running = command(bus.address, "load", str(image), "--no-verify")
+        busy = "resuming"
+    fds = count_fds(big.process.pid)
+    wait_for(lambda: backend_state(bus.address, big) == busy, "the transfer to start")
+    stopped_for(bus.pid, 3)
+    code, err = finish(running, 60)
+    assert code == 0, err
+    if operation == "save":
+        assert saved_sizes(image, capsys) == {"small": 1 << 20, "big": BIG}
+        assert backend_state(bus.address, small) == "running"
+    else:
+        assert loaded.read_bytes() == deterministic_state(2 * BIG, 2)
+    assert not temp_files(tmp_path)
+    assert backend_state(bus.address, big) == "running"
+    wait_for(lambda: count_fds(big.process.pid) == fds, "the back-end's fds to be closed", timeout=10)
+    no_zombies(big.process.pid)
+
+
+def test_the_bus_stopped_for_longer_than_the_call_timeout(bus, backends, tmp_path, capsys):
+    """A bus that stops answering fails the save once a call's 30 s are up,
+    with the call that went unanswered (not the tidying up after it)."""
+    big = backends("big", "--size", str(BIG), "--seed", "2")
+    image = tmp_path / "vm.vmstate"
+    saver = command(bus.address, "save", str(image), *SLOW_SAVE)
+    wait_for(lambda: backend_state(bus.address, big) == "saving", "the save to start")
+    os.kill(bus.pid, signal.SIGSTOP)
+    try:
+        code, err = finish(saver, 90)
+    finally:
+        os.kill(bus.pid, signal.SIGCONT)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "back-end 'big'" in err and "did not answer org.qemu.VMState2.Check within 30 s" in err, err
+    assert not image.exists() and not temp_files(tmp_path)
+    wait_for(lambda: backend_state(bus.address, big) == "running", "the back-end to serve on")
+    assert main(["save", str(image), "--address", bus.address]) == 0
+    assert saved_sizes(image, capsys) == {"big": BIG}
+    no_zombies(big.process.pid)
+
+
+async def test_the_bus_killed_while_a_backend_is_stopped_leaves_it_quiesced(bus, tmp_path):
+    """After a live save without --resume (or a migration's switch-over) a
+    back-end is ``stopped``: its daemon quiesced until a Resume.  If the bus
+    dies then, the library does not resume it on its own (two daemons could
+    then serve the same device, as two QEMUs the same VM): it stays
+    ``stopped``, and the daemon, back from ``wait_closed()``, decides."""
+    store = DirtyStore()
+    store.put(b"inode:1", b"x" * 4096)
+    async with Backend("fs", store, address=bus.address) as backend:
+        saver = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dbus_vmstate2", "save", str(tmp_path / "vm.vmstate"), "--live", "--address",
+            bus.address, cwd=ROOT, env=ENV, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await saver.wait() == 0
+        assert (backend.state, store.quiesced) == ("stopped", True)
+        os.kill(bus.pid, signal.SIGKILL)
+        await asyncio.wait_for(backend.wait_closed(), 30)
+        assert (backend.state, store.quiesced) == ("stopped", True)
+    assert store.quiesced  # stop() leaves it so too
+    store.resume()  # the daemon's own call
+    store.put(b"inode:2", b"y")
+
+
+# the VMM helper ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["save", "live save", "load"])
+@pytest.mark.parametrize("pause, completes", [(1, True), (6, False)])
+def test_the_helper_stopped_then_continued_in_mid_transfer(bus, backends, tmp_path, capsys, operation, pause, completes):
+    """The back-ends' stall timeout is 3 s: a helper stopped for 1 s finishes
+    its work, one stopped for 6 s finds its transfers ended by the back-ends."""
+    image = tmp_path / "vm.vmstate"
+    loaded = tmp_path / "big.loaded"
+    stall = ("--stall-timeout", "3")
+    if operation != "load":
+        small = backends("small", "--size", "1M", "--seed", "1", *stall)
+        big = backends("big", "--size", str(BIG), "--seed", "2", *stall)
+        live = operation == "live save"
+        helper = command(bus.address, "save", str(image), *(LIVE_SAVE if live else SLOW_SAVE))
+        busy = "pre-copy" if live else "saving"
+    else:
+        source = backends("big", "--size", str(2 * BIG), "--seed", "2")
+        assert main(["save", str(image), "--compression", "none", "--address", bus.address]) == 0
+        source.stop()
+        big = backends("big", "--size", "1K", "--save-loaded", str(loaded), *stall)
+        helper = command(bus.address, "load", str(image), "--no-verify")
+        busy = "resuming"
+    fds = count_fds(big.process.pid)
+    wait_for(lambda: backend_state(bus.address, big) == busy, "the transfer to start")
+    stopped_for(helper.pid, pause)
+    code, err = finish(helper, 60)
+    if completes:
+        assert code == 0, err
+        if operation != "load":
+            assert saved_sizes(image, capsys) == {"small": 1 << 20, "big": BIG}
+        else:
+            assert loaded.read_bytes() == deterministic_state(2 * BIG, 2)
+    else:
+        # Every back-end still sending when the helper stopped ended its
+        # transfer; the command names the first and gives its reason.
+        assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert re.search(r"back-end '(small|big)': nothing was (read|written) on the other end for 3 s", err), err
+        assert not loaded.exists()
+        if operation != "load":
+            assert not image.exists()
+    assert not temp_files(tmp_path)
+    wait_for(lambda: backend_state(bus.address, big) == "running", "the back-end to serve on")
+    wait_for(lambda: count_fds(big.process.pid) == fds, "the back-end's fds to be closed", timeout=10)
+    if operation != "load":
+        # Whatever happened, the source's state is whole.
+        assert main(["save", str(tmp_path / "again.vmstate"), "--address", bus.address]) == 0
+        assert saved_sizes(tmp_path / "again.vmstate", capsys) == {"small": 1 << 20, "big": BIG}
+    no_zombies(big.process.pid)
+
+
+def test_the_helper_killed_in_mid_save_leaves_only_its_temporary_file(bus, backends, tmp_path, capsys):
+    big = backends("big", "--size", str(BIG), "--seed", "2")
+    fds = count_fds(big.process.pid)
+    image = tmp_path / "vm.vmstate"
+    saver = command(bus.address, "save", str(image), *SLOW_SAVE)
+    wait_for(lambda: backend_state(bus.address, big) == "saving", "the save to start")
+    saver.kill()
+    saver.communicate()
+    wait_for(lambda: backend_state(bus.address, big) == "running", "the back-end to end its transfer")
+    wait_for(lambda: count_fds(big.process.pid) == fds, "the back-end's fds to be closed", timeout=10)
+    assert not image.exists()
+    [left] = temp_files(tmp_path)  # README: a killed save leaves at most .FILE.*.tmp
+    assert left.name.startswith(".vm.vmstate.")
+    left.unlink()
+    assert main(["save", str(image), "--address", bus.address]) == 0
+    assert saved_sizes(image, capsys) == {"big": BIG}
+    no_zombies(big.process.pid)
