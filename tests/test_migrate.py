@@ -193,6 +193,22 @@ def test_sigterm_on_the_source_resumes_it_and_the_destination_discards(bus_addre
     assert states == ["running", "running"]
 
 
+def test_sigterm_on_the_destination_tells_the_source_which_resumes(bus_address, dest_bus, memstate, tmp_path):
+    reports = pair(memstate, bus_address, dest_bus, tmp_path, size="64M", dirty="64M")
+    incoming = Incoming(dest_bus, f"unix:{tmp_path / 'mig.sock'}")
+    migrating = start(bus_address, "migrate", incoming.address, "--max-bandwidth", "16M")
+    time.sleep(2.0)
+    incoming.process.send_signal(signal.SIGTERM)
+    code, _, err = incoming.finish()
+    assert code == 130 and "interrupted (SIGTERM)" in err
+    _, err = migrating.communicate(timeout=60)
+    assert migrating.returncode == 4, err
+    assert "the destination (unix:" in err and "was interrupted (SIGINT or SIGTERM); nothing was applied" in err
+    assert_source_serves_on(bus_address, reports)
+    states = [b["state"] for b in json.loads(run(dest_bus, "status", "--json").stdout)]
+    assert states == ["running", "running"]
+
+
 def test_a_peer_that_is_not_a_destination_is_named(bus_address, memstate, tmp_path):
     memstate("fs", "--size", "1M")
     path = str(tmp_path / "ssh.sock")
