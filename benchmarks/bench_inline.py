@@ -23,10 +23,8 @@ framing must fit in it too), served by:
   compression none;
 * ``lib zstd``: the same with the library's default compression (zstd);
 * ``memstate``: the example back-end as users run it
-  (``python -m dbus_vmstate2.examples.memstate --state-file``, zstd), which
-  differs from ``lib zstd`` by one thing: it sets glibc's mmap threshold to
-  128 KiB first (its ``_map_large_blocks``), so every buffer of 1 MiB is a
-  fresh mapping, faulted in, and unmapped when freed.
+  (``python -m dbus_vmstate2.examples.memstate --state-file``, zstd), in a
+  process of its own.
 
 Each with two states: ``random`` (incompressible) and ``compressible``
 (JSON-lines-like text between zero pages, as device state often is).  The

@@ -185,11 +185,14 @@ class MemState(DirtyStore):
         self._report_event("quiesced")
 
     def load(self, records: Iterator[Record]) -> None:
+        previous = self.total_bytes
         super().load(records)
         if self._save_loaded is not None:
             with self._save_loaded.open("wb") as file:
                 for block in self.blocks():
                     file.write(block)
+        if previous >= TRIM_AFTER:  # the previous memory, freed all over the heap
+            give_back_memory()
         logging.info("loaded %d bytes of state", self.total_bytes)
         self._report_event("loaded")
         self.loaded.set()
@@ -273,6 +276,9 @@ class Dirtier(threading.Thread):
     """New contents are copied from a random pool at a random offset: making
     fresh random bytes costs some 12 ms of CPU per MiB, copying almost nothing."""
 
+    TRIM_EVERY = 64 << 20
+    """Bytes written between two trims of the heap (see give_back_memory)."""
+
     def __init__(self, state: MemState, rate: int, seed: int, after: threading.Event | None = None) -> None:
         super().__init__(name="memstate-dirtier", daemon=True)
         self._state, self._rate, self._rng = state, rate, random.Random(seed)
@@ -305,6 +311,8 @@ class Dirtier(threading.Thread):
                     continue
                 budget -= len(block)
                 self.rewritten += len(block)
+                if self.rewritten // self.TRIM_EVERY != (self.rewritten - len(block)) // self.TRIM_EVERY:
+                    give_back_memory()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,26 +380,32 @@ def _sandbox(mode: str) -> None:
     logging.info("sandboxed: open, socket, exec%s now kill this process", "" if mode == "threads" else " and new threads")
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+TRIM_AFTER = 64 << 20
+"""A load that replaced at least this much memory trims the heap (a trim
+costs milliseconds: a VMState1 Load of 1 MiB must not pay it)."""
 
 
-def _map_large_blocks(threshold: int = 128 << 10) -> None:
-    """Fix glibc's mmap threshold: every allocation of ``threshold`` bytes or
-    more gets a mapping of its own, given back to the kernel when freed.
+def give_back_memory() -> None:
+    """Return the free memory of glibc's heap to the kernel (``malloc_trim``).
 
-    glibc raises the threshold each time a mapped block is freed (up to
-    32 MiB: making the state frees a 64 MiB pool, the back-end's warm-up
-    frees 3 MiB), and then 1 MiB blocks come from the heap: a block that is
-    rewritten or replaced leaves a hole there that stays resident (a 2 GiB
-    load peaked at some 500 MiB above its state; dirtying at 64 MiB/s grew
-    the process by 55 MiB/s).  Setting the threshold also ends glibc's
-    adjusting it, so this is called once, first thing.  The warm-up's trim
-    still happens (it frees blocks of 64 KiB).  Not glibc: nothing.
+    The library's buffers of about 1 MiB (a record read, a zstd frame's
+    output and context) come from the heap and are used again: that is what
+    makes a load fast (mapping each afresh, and faulting in its pages, took
+    half of a load's time).  But blocks freed in the middle of the heap stay
+    resident: a load frees the whole previous memory, and the dirtier frees a
+    block for each it writes.  So memstate trims the heap after a load that
+    replaced :data:`TRIM_AFTER` bytes or more, and every
+    :data:`Dirtier.TRIM_EVERY` bytes the dirtier writes (a few
+    milliseconds each).  Not glibc: nothing.
     """
-    try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        pass
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+try:  # looked up now: a sandboxed daemon may not look up anything later
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
 
 
 def _print_ready(unique_name: str) -> None:
@@ -434,7 +448,6 @@ def _serve_threaded(backend: ThreadedBackend, sandbox: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _map_large_blocks()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.sandbox and args.save_loaded is not None:
