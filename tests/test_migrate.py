@@ -97,6 +97,27 @@ def test_migrate_over_loopback_tcp_asks_for_tls_or_an_explicit_plain_link(bus_ad
     assert_moved(reports)
 
 
+def test_migrate_over_ipv6_loopback(bus_address, dest_bus, memstate, tmp_path):
+    if not socket.has_ipv6 or not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    reports = pair(memstate, bus_address, dest_bus, tmp_path, size="4M")
+    incoming = Incoming(dest_bus, "tcp:[::1]:0", "--insecure-plain-tcp")
+    assert incoming.address.startswith("tcp:[::1]:")
+    done = run(bus_address, "migrate", incoming.address, "--insecure-plain-tcp")
+    assert done.returncode == 0, done.stderr
+    assert incoming.finish()[0] == 0
+    assert_moved(reports)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def test_migrate_over_tls_each_side_verifying_the_other(bus_address, dest_bus, memstate, tmp_path):
     reports = pair(memstate, bus_address, dest_bus, tmp_path, size="4M")
     server, client = make_tls(tmp_path / "pki", ["127.0.0.1", "localhost"])

@@ -305,7 +305,8 @@ class Listener:
         try:
             if isinstance(uri, TcpUri):
                 if uri.host:
-                    self._sock = socket.create_server((uri.host, uri.port), reuse_port=False)
+                    family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+                    self._sock = socket.create_server((uri.host, uri.port), family=family)
                 elif socket.has_dualstack_ipv6():
                     self._sock = socket.create_server(("", uri.port), family=socket.AF_INET6, dualstack_ipv6=True)
                 else:
