@@ -27,7 +27,7 @@ from dbus_fast import Variant
 from . import entry
 from .display import StatusLine, live_line, progress_line
 from .units import duration, parse_size, size
-from .errors import StreamError, VMStateError
+from .errors import LinkFailed, PeerRefused, StreamError, VMStateError
 from .stream.container import StreamInfo
 from .vmm import (
     CancelReport,
@@ -45,6 +45,7 @@ from .vmm import (
     status,
 )
 from .vmm.live import save_live
+from .vmm.qemu import QemuFailed
 from .vmm.pump import CLOSE_TIMEOUT
 from .vmm.transfers import STALL_TIMEOUT
 from .vmm.precopy import PreCopyConfig, Status, Summary
@@ -56,6 +57,7 @@ EXIT_OK = 0
 EXIT_BACKEND_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CORRUPT = 3
+EXIT_MIGRATION = 4
 EXIT_INTERRUPTED = entry.EXIT_INTERRUPTED  # 130, as a shell reports SIGINT
 EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE  # 141, as a shell reports a tool killed by SIGPIPE
 
@@ -68,6 +70,9 @@ class StdoutClosed(Exception):
 _EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (KeyboardInterrupt, EXIT_INTERRUPTED),  # SIGINT or SIGTERM (see entry.py)
     (StdoutClosed, EXIT_STDOUT_CLOSED),
+    (LinkFailed, EXIT_MIGRATION),  # a migration's connection failed or timed out
+    (QemuFailed, EXIT_MIGRATION),  # QEMU's side of a coordinated migration failed
+    (PeerRefused, EXIT_MIGRATION),  # a migration's destination refused or failed
     (StreamError, EXIT_CORRUPT),  # a corrupt, truncated or mismatched saved file (a back-end's bad stream: BackendFailed)
     (VMStateError, EXIT_BACKEND_FAILED),  # a back-end refused or failed, or is missing
     (OSError, EXIT_USAGE),  # a file or bus named on the command line cannot be used
@@ -86,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="dbus-vmstate2",
-        description="List, save, load and inspect the device state of D-Bus VMState back-ends.",
+        description="List, save, load, inspect and migrate the device state of D-Bus VMState back-ends.",
         epilog="Exit codes: 0 ok, 1 a back-end failed or is missing (or sent a stream that does not verify), "
-        "2 usage error or unusable file or bus, 3 corrupt or mismatched saved file, 130 interrupted, "
+        "2 usage error or unusable file or bus, 3 corrupt or mismatched saved file or stream, 4 a migration's "
+        "link, destination or QEMU failed (the source runs on), 130 interrupted, "
         "141 standard output closed.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -101,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reset(sub)
     _add_resume(sub)
     _add_inspect(sub)
+    from .cli_migrate import add_incoming, add_migrate  # it uses this module's helpers
+
+    add_migrate(sub)
+    add_incoming(sub)
     return parser
 
 
@@ -387,9 +397,7 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="the file to write (replaced atomically)")
     _add_bus_options(p)
-    p.add_argument("--compression", choices=["zstd", "none"], default="zstd", help="default: zstd")
-    p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
-    p.add_argument("--workers", type=_non_negative_int, default=0, help="zstd worker threads per back-end (default 0)")
+    add_save_options(p)
     p.add_argument(
         "--no-verify", dest="verify", action="store_false",
         help="only skim each stream as it arrives (framing, counts, digest), without decoding its payloads: "
@@ -409,6 +417,14 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
         "afterwards, their state frozen as saved, unless --resume.",
     )
     live.add_argument("--live", action="store_true", help="save iteratively while the back-ends run (pre-copy)")
+    add_live_options(live)
+    live.add_argument("--resume", action="store_true", help="resume the back-ends once the file is saved")
+    _add_json(p)
+    p.set_defaults(func=cmd_save)
+
+
+def add_live_options(live: argparse._ArgumentGroup) -> None:
+    """The pre-copy options of ``save --live`` and ``migrate``: one set of names."""
     live.add_argument("--downtime-limit", type=_positive(float), default=300.0, metavar="MS",
                       help="the longest acceptable stop-copy, in milliseconds (default 300, as QEMU's)")
     live.add_argument("--max-rounds", type=_positive(int), default=30, metavar="N",
@@ -419,9 +435,28 @@ def _add_save(sub: argparse._SubParsersAction) -> None:
                       help="give up a pre-copy that has not switched over after S seconds (default 300)")
     live.add_argument("--max-bandwidth", type=_positive(parse_size), metavar="BYTES_PER_SECOND",
                       help="cap the rate read from the back-ends, in total (e.g. 100M; default: no cap)")
-    live.add_argument("--resume", action="store_true", help="resume the back-ends once the file is saved")
-    _add_json(p)
-    p.set_defaults(func=cmd_save)
+
+
+def add_save_options(p: argparse.ArgumentParser) -> None:
+    """The stream options of ``save`` and ``migrate``."""
+    p.add_argument("--compression", choices=["zstd", "none"], default="zstd", help="default: zstd")
+    p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="zstd worker threads per back-end (default 0)")
+
+
+def save_options(args: argparse.Namespace) -> dict[str, Variant]:
+    return {
+        "compression": Variant("s", args.compression),
+        "level": Variant("i", args.level),
+        "workers": Variant("u", args.workers),
+    }
+
+
+def precopy_config(args: argparse.Namespace, **more: Any) -> PreCopyConfig:
+    return PreCopyConfig(
+        downtime_limit=args.downtime_limit / 1000, max_rounds=args.max_rounds, force=args.force,
+        timeout=args.timeout, stall_timeout=args.stall_timeout, **more,
+    )
 
 
 def _add_stall_timeout(p: argparse.ArgumentParser, what: str) -> None:
@@ -454,11 +489,7 @@ def _non_negative_int(text: str) -> int:
 
 def cmd_save(args: argparse.Namespace) -> int:
     save_target(args.file)  # before the bus: a refused target touches no back-end
-    options = {
-        "compression": Variant("s", args.compression),
-        "level": Variant("i", args.level),
-        "workers": Variant("u", args.workers),
-    }
+    options = save_options(args)
     if args.live:
         return _save_live(args, options)
     progress = Progress()
@@ -481,10 +512,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def _save_live(args: argparse.Namespace, options: dict[str, Variant]) -> int:
-    config = PreCopyConfig(
-        downtime_limit=args.downtime_limit / 1000, max_rounds=args.max_rounds, force=args.force,
-        timeout=args.timeout, stall_timeout=args.stall_timeout,
-    )
+    config = precopy_config(args)
     progress = Progress()
     latest: list[Status] = []
 

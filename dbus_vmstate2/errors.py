@@ -187,6 +187,22 @@ class MigrationAborted(VMStateError):
     time limit passed.  The message gives the figures; the source runs on."""
 
 
+class LinkFailed(VMStateError):
+    """A migration's connection failed: it could not be made, TLS refused it,
+    it was lost or cut, the peer is not a dbus-vmstate2 migration peer, or a
+    wait on it passed its timeout.  The message says what, where and after
+    how long.  The source runs on."""
+
+
+class PeerRefused(VMStateError):
+    """The migration's destination refused the state or failed to load it
+    (its message names the back-end and the error).  Nothing was applied at
+    the destination; the source runs on."""
+
+    peer_error: str | None = None
+    """The destination's error type, as it named it (``Corrupt``, ``IdMismatch``, ...)."""
+
+
 QUOTE_LIMIT = 64
 """How much of a peer's string an error message or a log line quotes."""
 

@@ -22,4 +22,6 @@ echo
 echo
 "$root/.venv/bin/python" benchmarks/bench_load.py "${live_args[@]}"
 echo
-exec "$root/.venv/bin/python" benchmarks/bench_live.py "${live_args[@]}"
+"$root/.venv/bin/python" benchmarks/bench_live.py "${live_args[@]}"
+echo
+exec "$root/.venv/bin/python" benchmarks/bench_migrate.py "${live_args[@]}"

@@ -42,10 +42,10 @@ def test_the_kept_copies_are_what_the_parser_makes(generated):
 def test_the_man_page_documents_every_subcommand_and_option(generated):
     page = (generated / MAN_PAGE).read_text()
     assert page.startswith('.TH DBUS\\-VMSTATE2 "1"')
-    assert subcommands() == ["list", "status", "save", "load", "cancel", "reset", "resume", "inspect"]
+    assert subcommands() == ["list", "status", "save", "load", "cancel", "reset", "resume", "inspect", "migrate", "incoming"]
     for command in subcommands():
         assert f".SH COMMAND \\fI\\,'dbus\\-vmstate2 {command}'" in page
-    for option in ("--downtime-limit", "--id-list", "--no-verify", "--wait", "--version"):
+    for option in ("--downtime-limit", "--id-list", "--no-verify", "--wait", "--version", "--tls-creds", "--accept-timeout"):
         assert option.replace("-", "\\-") in page
     assert "Exit codes: 0 ok" in page
 

@@ -621,6 +621,7 @@ def scenarios(draw):
     config = PreCopyConfig(
         downtime_limit=draw(st.sampled_from([0.0, 0.3, 5.0])), max_rounds=draw(st.integers(1, 5)),
         force=draw(st.booleans()), timeout=draw(st.sampled_from([None, 3.0])), stall_timeout=2.0,
+        wait_for_trigger=draw(st.booleans()),
     )
     return n, steps, config
 
@@ -653,15 +654,57 @@ def test_never_switches_over_with_initial_data_left_unless_told(scenario):
             event(f"switch over: {d.reason}")
             assert told or not initial_left
             assert (d.reason is SwitchReason.REQUESTED) == told
+            assert told or not config.wait_for_trigger
             if d.reason is SwitchReason.CONVERGED:
                 assert d.expected_downtime <= config.downtime_limit
             if d.reason is SwitchReason.FORCED:
                 assert config.force and d.expected_downtime > config.downtime_limit
         if isinstance(d, GiveUp):
             event(f"give up: {d.reason}")
+            assert not (config.wait_for_trigger and d.reason is GiveUpReason.NOT_CONVERGING)
             if d.reason in (GiveUpReason.STALLED, GiveUpReason.TIMEOUT):
                 assert deadline is not None and now >= deadline
             assert plan.tick(now, observations) is d and plan.next_deadline() is None
             return
         if config.timeout is not None and plan.phase is Phase.PRE_COPY:
             assert now < config.timeout
+
+
+# -- waiting for a trigger (QEMU's pre-switchover) ------------------------------------
+
+
+def test_waiting_for_a_trigger_never_switches_over_alone_then_switches_when_told():
+    fake = FakeBackend("fs0", 16 * MiB, dirty_rate=MiB, bandwidth=128 * MiB)
+    run = simulate([fake], PreCopyConfig(wait_for_trigger=True), tell_at=5.0)
+    told = [d for _, d in run.decisions if not isinstance(d, Continue)][0]
+    assert told is run.switch and run.switch.reason is SwitchReason.REQUESTED and run.switch.at >= 5.0
+    # it had converged long before, and said so, but waited
+    assert run.plan.summary().switch_reason is SwitchReason.REQUESTED
+    assert isinstance(run.final, Finished) and run.final.summary.downtime <= 0.3
+
+
+def test_waiting_for_a_trigger_keeps_sending_a_state_that_does_not_converge():
+    fake = FakeBackend("fs0", 32 * MiB, dirty_rate=256 * MiB, bandwidth=64 * MiB, round_gap=0)
+    run = simulate([fake], PreCopyConfig(wait_for_trigger=True, max_rounds=3), tell_at=20.0)
+    assert fake.rounds > 3  # not given up at max rounds: the trigger decides
+    assert run.switch.reason is SwitchReason.REQUESTED
+    assert isinstance(run.final, Finished)
+
+
+def test_waiting_for_a_trigger_reports_convergence_in_the_status():
+    fake = FakeBackend("fs0", 16 * MiB, dirty_rate=MiB, bandwidth=128 * MiB)
+    plan = PreCopyPlan(["fs0"], 0.0, PreCopyConfig(wait_for_trigger=True))
+    now = 0.0
+    while now < 3.0:
+        fake.advance(TICK)
+        now += TICK
+        assert isinstance(plan.tick(now, [fake.observe()]), Continue)
+    assert plan.status(now).converged
+
+
+def test_waiting_for_a_trigger_still_times_out_and_says_for_what():
+    fake = FakeBackend("fs0", 16 * MiB, dirty_rate=MiB, bandwidth=128 * MiB)
+    run = simulate([fake], PreCopyConfig(wait_for_trigger=True, timeout=4.0))
+    assert run.switch is None and run.final.reason is GiveUpReason.TIMEOUT
+    assert "not told to switch over within the 4 s timeout" in run.final.message
+    assert "pre-switchover" in run.final.message

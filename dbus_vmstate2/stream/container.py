@@ -5,7 +5,9 @@ interleaving, so that streams read in parallel from several pipes can be
 written as they arrive, then an index (one entry per stream) and a fixed-size
 footer that locates the index.  Pure code: :class:`ContainerWriter` returns
 chunks to write; the ``parse_*`` functions check fixed-size parts that the
-file layer (:mod:`dbus_vmstate2.vmm.savefile`) reads.
+file layer (:mod:`dbus_vmstate2.vmm.savefile`) reads; :class:`ContainerReader`
+takes a container front to back, as it comes off a socket (a migration,
+docs/migration.md), and checks at its end what a file reader checks first.
 
 The index is derived from the streams themselves: the writer skims each
 stream as it passes (:class:`StreamDecoder` with ``payloads=False``), so a
@@ -19,7 +21,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import BadMagic, Corrupt, Malformed, StreamLimitExceeded, Truncated, UnsupportedVersion
-from ._events import NEED_DATA, StreamEnd
+from ._events import NEED_DATA, StreamEnd, _Sentinel
 from ._format import (
     DIGEST_SIZE,
     FORMAT_VERSION,
@@ -181,6 +183,10 @@ class ContainerWriter:
         )  # fmt: skip
         self._infos[stream] = info
         return info
+
+    def trailer_seen(self, stream: int) -> bool:
+        """Whether the stream's trailer has passed (it is complete, not yet closed)."""
+        return self._ends[stream] is not None
 
     def finish(self) -> list[bytes]:
         """Return the index and the footer.
@@ -387,3 +393,196 @@ def parse_segment_header(raw: bytes, streams: int) -> tuple[int, int]:
     if length > MAX_SEGMENT_SIZE:
         raise StreamLimitExceeded(f"segment of {length} bytes, limit {MAX_SEGMENT_SIZE}")
     return stream, length
+
+
+# -- reading front to back (docs/stream-format.md §7.6) ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentData:
+    """The next bytes of one stream, from a segment (a segment may come in several pieces)."""
+
+    stream: int
+    """The stream number (its place in the index)."""
+    data: bytes | bytearray
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEnd:
+    """The footer arrived: the index and the footer verified, and every
+    stream's byte and segment counts match its index entry (§7.5 steps 2-6)."""
+
+    streams: list[StreamInfo]
+    """The index."""
+    size: int
+    """The container's size, header to footer."""
+
+
+class ContainerReader:
+    """Read a container sequentially: ``feed(bytes)``, then ``next_event()``
+    until NEED_DATA.
+
+    The checks are those of §7.5 in stream order: the file header first, each
+    segment header as it comes, and at the end the index, the footer (which
+    must point back at the index just read) and the counts.  Nothing says
+    which Id a stream number stands for until the index: the caller knows it
+    from elsewhere (the migration handshake), and checks it against the
+    index at the end.  Memory is bounded: segment data is handed on as it
+    arrives, and the only thing buffered whole is the index (at most
+    MAX_INDEX_SIZE).
+
+    Args:
+        streams: how many streams the container must hold, if known: a
+            segment for another number is Malformed at once, and so is an
+            index of another size.
+
+    Raises (from next_event):
+        StreamError: as §7.5, plus Malformed for bytes after the footer and
+            Truncated for an end of input before it.
+    """
+
+    def __init__(self, streams: int | None = None) -> None:
+        if streams is not None and not 0 <= streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be 0..{MAX_STREAMS}, not {streams!r}")
+        self._streams = streams
+        self._buf = bytearray()
+        self._eof = False
+        self._state = "header"
+        self.offset = 0
+        """Bytes consumed so far."""
+        self._segment: tuple[int, int] | None = None  # stream, bytes left
+        self._bytes: dict[int, int] = {}
+        self._segments: dict[int, int] = {}
+        self._index_at = 0
+        self._index_need = _INDEX_HEAD.size
+        self._index_count = -1
+        self._index_entries = 0
+        self._index: list[StreamInfo] | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the footer has been read and verified."""
+        return self._state == "done"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add the next bytes.  Raises RuntimeError after feed_eof()."""
+        if self._eof:
+            raise RuntimeError("ContainerReader.feed() after feed_eof()")
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        """The input has ended: next_event() raises Truncated if the footer has not come."""
+        self._eof = True
+
+    def next_event(self) -> SegmentData | ContainerEnd | _Sentinel:
+        """Return the next piece of segment data, the end, or NEED_DATA."""
+        while True:
+            if self._state == "done":
+                if self._buf:
+                    raise Malformed(f"{len(self._buf)} bytes after the footer at {self.offset}, expected none")
+                return NEED_DATA
+            event = self._step()
+            if event is not None:
+                return event
+
+    def _step(self) -> SegmentData | ContainerEnd | _Sentinel | None:
+        state = self._state
+        if state == "data":
+            stream, left = self._segment
+            if not self._buf:
+                return self._need("segment data")
+            piece = self._take(min(left, len(self._buf)))
+            left -= len(piece)
+            self._segment = (stream, left)
+            if not left:
+                self._state = "item"
+            return SegmentData(stream, piece)
+        if state == "header":
+            if len(self._buf) < FILE_HEADER_SIZE:
+                return self._need("the file header")
+            parse_file_header(bytes(self._take(FILE_HEADER_SIZE)))
+            self._state = "item"
+            return None
+        if state == "item":
+            if not self._buf:
+                return self._need("a segment or the index")
+            if self._buf[0] == INDEX_TAG:
+                self._state, self._index_at = "index", self.offset
+                return None
+            if len(self._buf) < SEGMENT_HEADER_SIZE:
+                return self._need("a segment header")
+            limit = self._streams if self._streams is not None else MAX_STREAMS
+            stream, length = parse_segment_header(bytes(self._take(SEGMENT_HEADER_SIZE)), limit)
+            self._bytes[stream] = self._bytes.get(stream, 0) + length
+            self._segments[stream] = self._segments.get(stream, 0) + 1
+            self._segment, self._state = (stream, length), "data"
+            return None
+        if state == "index":
+            return self._step_index()
+        if state == "footer":
+            if len(self._buf) < FOOTER_SIZE:
+                return self._need("the footer")
+            raw = bytes(self._take(FOOTER_SIZE))
+            offset, length = parse_footer(raw, self.offset)
+            if offset != self._index_at:
+                raise Corrupt(f"the footer puts the index at {offset}, but it came at {self._index_at}")
+            self._state = "done"
+            return self._finish()
+        raise AssertionError(state)
+
+    def _step_index(self) -> _Sentinel | None:
+        # The index is read whole (it is small and bounded); its length is
+        # found as it comes: the head gives the count, each entry its Id's.
+        buf = self._buf
+        while True:
+            pos = self._index_need
+            if self._index_count < 0:
+                if len(buf) < _INDEX_HEAD.size:
+                    return self._need("the index")
+                *_, count = _INDEX_HEAD.unpack_from(buf)
+                if count > MAX_STREAMS:
+                    raise StreamLimitExceeded(f"index lists {count} streams, limit {MAX_STREAMS}")
+                self._index_count = count
+            elif self._index_entries < self._index_count:
+                if len(buf) < pos + 1:
+                    return self._need("the index")
+                end = pos + 1 + buf[pos] + _ENTRY.size
+                if end + 4 > MAX_INDEX_SIZE:
+                    raise StreamLimitExceeded(f"index of more than {MAX_INDEX_SIZE} bytes")
+                if len(buf) < end:
+                    return self._need("the index")
+                self._index_entries += 1
+                self._index_need = end
+            else:
+                if len(buf) < pos + 4:
+                    return self._need("the index")
+                self._index = parse_index(bytes(self._take(pos + 4)))
+                self._state = "footer"
+                return None
+
+    def _finish(self) -> ContainerEnd:
+        infos = self._index or []
+        if self._streams is not None and len(infos) != self._streams:
+            raise Malformed(f"the index lists {len(infos)} streams, expected {self._streams}")
+        for number in self._bytes:
+            if number >= len(infos):
+                raise Malformed(f"segments for stream {number}, but the index lists {len(infos)} (numbered from 0)")
+        for number, info in enumerate(infos):
+            seen = (self._bytes.get(number, 0), self._segments.get(number, 0))
+            if seen != (info.stream_bytes, info.segments):
+                raise Corrupt(
+                    f"stream {number} ({info.backend_id!r}): {seen[0]} bytes in {seen[1]} segments, "
+                    f"the index says {info.stream_bytes} in {info.segments}"
+                )
+        return ContainerEnd(infos, self.offset)
+
+    def _take(self, size: int) -> bytearray:
+        taken = self._buf[:size]
+        del self._buf[:size]
+        self.offset += size
+        return taken
+
+    def _need(self, what: str) -> _Sentinel:
+        if self._eof:
+            raise Truncated(f"the container ended at {self.offset + len(self._buf)} bytes, in {what}")
+        return NEED_DATA

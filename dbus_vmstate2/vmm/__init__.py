@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .control import CancelReport, ResetReport, StatusReport, TransferReport, cancel_latest, reset, resume, status
+    from .incoming import incoming
     from .live import save_live
+    from .migrate import migrate
     from .discovery import BackendInfo, BackendStatus, connect, describe, list_backends
     from .precopy import PreCopyConfig, PreCopyPlan
     from .savefile import UnusableFile
@@ -36,8 +38,10 @@ _HOMES = {
     "cancel_latest": ".control",
     "connect": ".discovery",
     "describe": ".discovery",
+    "incoming": ".incoming",
     "list_backends": ".discovery",
     "load_from_file": ".loading",
+    "migrate": ".migrate",
     "open_session": ".session",
     "reset": ".control",
     "resume": ".control",

@@ -95,6 +95,10 @@ class PreCopyConfig:
     """The longest stop-copy may run before the plan gives up; None: no limit (the stall rule still applies)."""
     rate_window: float = 1.0
     """The span of ticks over which the rate is measured."""
+    wait_for_trigger: bool = False
+    """Never switch over on its own (rules 5 and 6 only report): wait for
+    :meth:`~.precopy.PreCopyPlan.switch_over_now`, as a migration paced by
+    QEMU's ``pre-switchover`` must.  The stall and timeout rules still apply."""
 
     def __post_init__(self) -> None:
         for name in ("downtime_limit", "stall_timeout", "rate_window", "timeout", "stop_copy_timeout"):

@@ -11,15 +11,17 @@ to the plan, whose decision is carried out: keep going; switch over
 A back-end's stop-copy has ended when its pump reached the end of its stream
 (the writer verified the trailer as it passed) and its ``TransferFinished``
 reported success; the last such end closes the downtime.  Then the file is
-committed (fsync, rename).  On success the back-ends stay ``stopped``, their
+committed (fsync, rename).  The container may go elsewhere than a file: a
+migration (:mod:`.migrate`) gives a writer that sends it over a connection,
+whose commit is the destination's acknowledgement.  On success the back-ends stay ``stopped``, their
 state frozen as it is in the file (as QEMU leaves a VM after a migration to
 a file), unless ``resume`` is asked for.
 
-Failure handling: any failure (a back-end's, the plan giving up, our own
-cancellation) stops every transfer this save started (``CancelTransfer``),
-waits for the pumps, and resumes every back-end that had already reached
-``stopped``: each serves on with its state untouched, and no file appears
-under the final name.
+Failure handling: any failure (a back-end's, the plan giving up, the
+``watch`` future failing, the commit failing, our own cancellation) stops
+every transfer this save started (``CancelTransfer``), waits for the pumps,
+and resumes every back-end that had already reached ``stopped``: each serves
+on with its state untouched, and no file appears under the final name.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
 from ..fds import enlarge_pipe
-from ..errors import BackendFailed, NoBackends, StreamError, VMStateError
+from ..errors import BackendFailed, LinkFailed, NoBackends, PeerRefused, StreamError, VMStateError
 from ..names import VMSTATE2
 from .calls import SignalWatch, call
 from .discovery import BackendInfo
@@ -52,7 +54,7 @@ from .precopy import (
     Summary,
     SwitchOver,
 )
-from .savefile import SaveFileWriter, save_target
+from .savefile import ContainerSink, SaveFileWriter, save_target
 from .pump import CLOSE_TIMEOUT, StreamPump, Throttle
 from .transfers import Operation, Progress, in_thread, labelled, wait_regardless, watch_outcome
 
@@ -90,26 +92,35 @@ class _Source:
 async def save_live(
     bus: MessageBus,
     backends: Sequence[BackendInfo],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | ContainerSink,
     options: dict[str, Variant] | None = None,
     config: PreCopyConfig | None = None,
     progress: Progress | None = None,
     *,
     on_status: Callable[[Status], None] | None = None,
+    on_switch_over: Callable[[float], None] | None = None,
     switch_over: asyncio.Event | None = None,
+    watch: asyncio.Future[Any] | None = None,
     resume: bool = False,
     max_bandwidth: float | None = None,
     verify: bool = True,
     close_timeout: float = CLOSE_TIMEOUT,
 ) -> Summary:
-    """Save ``backends`` live into one new file at ``path``.
+    """Save ``backends`` live into one new file at ``path``, or into a sink.
 
     Args:
+        path: the file, or a :class:`~.savefile.ContainerSink` that takes
+            the container (its commit ends the save: a migration's waits for
+            the destination's acknowledgement).
         options: SavePreCopy options (``compression``, ``level``, ``workers``).
         config: the plan's limits (downtime limit, rounds, timeouts, force).
         progress: updated with the bytes received per back-end.
         on_status: called with the plan's status after every tick.
+        on_switch_over: called with the ``time.monotonic()`` of the
+            switch-over (StopCopy requested: the downtime starts).
         switch_over: set it to switch over now, whatever the plan says.
+        watch: a future whose failure ends the save at once, with its error
+            (a migration's destination refusing); until the commit.
         resume: resume the back-ends once the file is committed (else they
             stay ``stopped``).
         max_bandwidth: cap the total rate read from the back-ends, in bytes
@@ -128,12 +139,16 @@ async def save_live(
         VMStateError: a back-end failed (named).  In every failure no file
             is left under ``path`` and every back-end serves on.
     """
-    save_target(path)
+    if isinstance(path, str | os.PathLike):
+        save_target(path)
     if not backends:
         raise NoBackends("no back-ends to save")
     progress = progress or Progress()
     progress.backends = len(backends)
-    writer = await in_thread(SaveFileWriter, path, discard=SaveFileWriter.abort)
+    if isinstance(path, str | os.PathLike):
+        writer: ContainerSink = await in_thread(SaveFileWriter, path, discard=SaveFileWriter.abort)
+    else:
+        writer = path
     operation = Operation(bus, backends)
     sources = [_Source(b) for b in backends]
     wake = asyncio.Event()
@@ -147,12 +162,18 @@ async def save_live(
                                  lambda fd, stream, b=source.backend: StreamPump(
                                      fd, writer, stream, b.id, progress, verify=verify,
                                      close_timeout=close_timeout, throttle=throttle))  # fmt: skip
-                summary = await _drive(bus, sources, initial, config, progress, wake, on_status, switch_over)
+                summary = await _drive(bus, sources, initial, config, progress, wake, on_status, on_switch_over,
+                                       switch_over, watch)  # fmt: skip
             except BaseException:
+                writer.abandon()  # a connection is dropped now: no pump stays blocked on it
                 await wait_regardless(asyncio.ensure_future(_abandon(bus, operation, sources)))
                 raise
         progress.begin("syncing")
-        await in_thread(writer.commit, stop=writer.abandon)
+        try:
+            await in_thread(writer.commit, stop=writer.abandon)
+        except BaseException:  # the back-ends are stopped: they must serve on
+            await wait_regardless(asyncio.ensure_future(_resume(bus, sources)))
+            raise
         progress.phase = "done"
     except BaseException:
         writer.abort()
@@ -163,7 +184,7 @@ async def save_live(
 
 
 async def _start(
-    operation: Operation, writer: SaveFileWriter, source: _Source, options: dict[str, Variant], wake: asyncio.Event,
+    operation: Operation, writer: ContainerSink, source: _Source, options: dict[str, Variant], wake: asyncio.Event,
     make_pump: Callable[[int, int], StreamPump],
 ) -> None:
     backend = source.backend
@@ -189,6 +210,8 @@ async def _start(
             writer.close_stream(stream)
         except StreamError as exc:
             raise labelled(backend, BackendFailed(f"its stream does not verify: {type(exc).__name__}: {exc}")) from exc
+        except (LinkFailed, PeerRefused):
+            raise  # the connection's, not this back-end's
         except VMStateError as exc:
             raise labelled(backend, exc) from exc
         finally:
@@ -211,9 +234,10 @@ async def _start(
 async def _drive(
     bus: MessageBus, sources: list[_Source], initial: _InitialSignals, config: PreCopyConfig | None,
     progress: Progress, wake: asyncio.Event, on_status: Callable[[Status], None] | None,
-    switch_over: asyncio.Event | None,
+    on_switch_over: Callable[[float], None] | None, switch_over: asyncio.Event | None,
+    watch: asyncio.Future[Any] | None,
 ) -> Summary:
-    """Tick the plan until it finishes; raise if it gives up or a back-end fails."""
+    """Tick the plan until it finishes; raise if it gives up, a back-end fails or ``watch`` fails."""
     plan = PreCopyPlan([s.backend.id for s in sources], time.monotonic(), config)
     switched = False
     while True:
@@ -222,6 +246,8 @@ async def _drive(
         # the queries in between cost up to a tick of downtime).
         wake.clear()
         _raise_failures(sources)
+        if watch is not None and watch.done() and watch.exception() is not None:
+            raise watch.exception()
         now = time.monotonic()
         for source in sources:
             if source.done or not (source.pump.done() and source.outcome.done()):
@@ -241,6 +267,8 @@ async def _drive(
         if isinstance(decision, SwitchOver) and not switched:
             switched = True
             progress.phase = "stop-copy"  # not begin(): the received counts go on
+            if on_switch_over is not None:
+                on_switch_over(decision.at)
             await asyncio.gather(*(
                 call(bus, s.backend.unique_name, VMSTATE2, "StopCopy", "t", [s.number]) for s in sources
             ))
@@ -255,6 +283,8 @@ async def _drive(
         waits = [asyncio.ensure_future(wake.wait())]
         if switch_over is not None and not switched:
             waits.append(asyncio.ensure_future(switch_over.wait()))
+        if watch is not None:
+            waits.append(asyncio.ensure_future(asyncio.wait({watch})))
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:

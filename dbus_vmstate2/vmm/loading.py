@@ -360,27 +360,40 @@ def _pump_from_file(
         BackendFailed: it read nothing for ``stall_timeout`` seconds.
         Cancelled: ``stop`` was set.
     """
-    os.set_blocking(fd, False)
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
     total = 0
     for data in reader.stream_chunks(stream, CHUNK, reuse=True):
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view):]
-                continue
-            except BlockingIOError:
-                pass
-            waited = 0.0
-            while not poller.poll(250):  # a quarter of a second at a time: stop() is seen soon
-                if stop.is_set():
-                    raise Cancelled("the load was stopped")
-                waited += 0.25
-                if stall_timeout is not None and waited >= stall_timeout:
-                    raise BackendFailed(
-                        f"it has read nothing of its stream for {waited:g} s (is it stopped or hung?): gave up "
-                        f"after the stall timeout of {stall_timeout:g} s"
-                    )
+        write_all(fd, data, stall_timeout, stop, "the load")
         total += len(data)
         progress.done[backend_id] = total
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview, stall_timeout: float | None, stop: threading.Event,
+              what: str = "the transfer") -> None:  # fmt: skip
+    """Write all of ``data`` into a back-end's pipe ``fd`` (made non-blocking).
+
+    Raises:
+        BrokenPipeError: the back-end closed its end.
+        BackendFailed: it read nothing for ``stall_timeout`` seconds.
+        Cancelled: ``stop`` was set (seen within a quarter of a second).
+    """
+    if os.get_blocking(fd):
+        os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            continue
+        except BlockingIOError:
+            pass
+        waited = 0.0
+        while not poller.poll(250):  # a quarter of a second at a time: stop() is seen soon
+            if stop.is_set():
+                raise Cancelled(f"{what} was stopped")
+            waited += 0.25
+            if stall_timeout is not None and waited >= stall_timeout:
+                raise BackendFailed(
+                    f"it has read nothing of its stream for {waited:g} s (is it stopped or hung?): gave up "
+                    f"after the stall timeout of {stall_timeout:g} s"
+                )

@@ -77,7 +77,12 @@ VFIO's PRECOPY_INFO; reference/state-migration-anchors.md §1 and §4):
    no limit) => GiveUp.  ``force`` does not change this.
 8. **Told to.**  :meth:`PreCopyPlan.switch_over_now` => SwitchOver
    (``requested``) at once, whatever the rules above say: it is how the
-   user, or QEMU's ``pre-switchover``, overrides the plan.
+   user, or QEMU's ``pre-switchover``, overrides the plan.  With
+   ``wait_for_trigger`` it is the only way to switch over: rules 5 and 6
+   decide nothing (a converged state shows in :meth:`PreCopyPlan.status`;
+   a state that does not converge keeps being sent, since whoever triggers
+   decides when the VM stops), and the plan keeps answering Continue until
+   told, or until the stall or timeout rule gives up.
 9. **Stop-copy.**  The switch-over's ``now`` is when StopCopy was requested
    (the back-ends quiesce); the downtime is the last back-end's stop-copy
    end minus that.  A back-end silent for ``stall_timeout`` meanwhile, or
@@ -442,14 +447,15 @@ class PreCopyPlan:
             return self._give_up_stalled(now, stalled)
         figures = self._figures()
         initial_done = all(b.initial_done for b in self._state.values())
-        if self._converged(figures):
-            return self._switch_over(now, SwitchReason.CONVERGED, figures)
-        if initial_done and figures.expected_downtime is not None:
-            rounds = self._rule_rounds(figures)
-            if rounds >= self.config.max_rounds:
-                if self.config.force:
-                    return self._switch_over(now, SwitchReason.FORCED, figures)
-                return self._give_up_not_converging(now, figures, rounds)
+        if not self.config.wait_for_trigger:  # rule 8: then only switch_over_now() switches over
+            if self._converged(figures):
+                return self._switch_over(now, SwitchReason.CONVERGED, figures)
+            if initial_done and figures.expected_downtime is not None:
+                rounds = self._rule_rounds(figures)
+                if rounds >= self.config.max_rounds:
+                    if self.config.force:
+                        return self._switch_over(now, SwitchReason.FORCED, figures)
+                    return self._give_up_not_converging(now, figures, rounds)
         if self.config.timeout is not None and now - self._start >= self.config.timeout:
             return self._give_up_timeout(now, figures)
         return Continue(self.next_deadline())
@@ -634,6 +640,14 @@ class PreCopyPlan:
                 f"{self.config.max_rounds} rounds"
             )
             blamed = ()
+        if self.config.wait_for_trigger:
+            return self._give_up(
+                now, GiveUpReason.TIMEOUT,
+                f"pre-copy was not told to switch over within the {_duration(self.config.timeout)} timeout "
+                f"(it waits for its trigger, such as QEMU's pre-switchover); meanwhile {why}. "
+                "Raise the timeout, or see why the trigger did not come",
+                blamed, figures,
+            )
         return self._give_up(
             now, GiveUpReason.TIMEOUT,
             f"pre-copy did not converge within the {_duration(self.config.timeout)} timeout: {why}. "

@@ -29,7 +29,7 @@ from ..errors import BackendFailed, Cancelled, VMStateError
 from ..stream import NEED_DATA, StreamDecoder, StreamEnd
 
 if TYPE_CHECKING:
-    from .savefile import SaveFileWriter
+    from .savefile import ContainerSink
     from .transfers import Progress
 
 CHUNK = 1 << 20
@@ -82,7 +82,7 @@ class StreamPump:
     def __init__(
         self,
         fd: int,
-        writer: SaveFileWriter,
+        writer: ContainerSink,
         stream: int,
         backend_id: str,
         progress: Progress,

@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Protocol
 
 from ..errors import Cancelled, Corrupt, Malformed, StreamError, Truncated
 from ..stream import NEED_DATA, StreamDecoder, StreamEnd, StreamHeader
@@ -100,6 +101,20 @@ def save_target(path: str | os.PathLike[str]) -> str:
 
 _WHY_REGULAR = ("a save writes a temporary file beside its target and renames it over the target, "
                 "so the target must be a regular file or a new name")  # fmt: skip
+
+
+class ContainerSink(Protocol):
+    """Where a save puts its container: :class:`SaveFileWriter`, or a
+    migration's connection (:class:`~.migrate.WireWriter`).  ``write`` may be
+    called from several threads; ``commit`` runs in a worker thread and
+    ``abandon`` (from the event loop's thread) makes it stop early."""
+
+    def open_stream(self, expected_id: str | None = None) -> int: ...
+    def write(self, stream: int, data: Buffer) -> None: ...
+    def close_stream(self, stream: int) -> StreamInfo: ...
+    def commit(self) -> None: ...
+    def abandon(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class SaveFileWriter:

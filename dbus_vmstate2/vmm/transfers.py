@@ -462,3 +462,4 @@ async def _reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
             raise
     except TimeoutError:
         pass
+
