@@ -22,7 +22,7 @@ from typing import Any
 
 from dbus_fast import DBusError
 
-from ..errors import BackendFailed, ErrorName, VMStateError
+from ..errors import BackendFailed, ErrorName, Unsupported, VMStateError, quote_some
 from .workers import Workers
 
 log = logging.getLogger("dbus_vmstate2.backend")
@@ -126,3 +126,22 @@ def _exception_line(exc: BaseException) -> str:
     if isinstance(notes, list | tuple):
         lines += [f"{note}\n" for note in notes]
     return "".join(lines)
+
+
+def option_values(method: str, options: dict[str, Any], types: dict[str, str]) -> dict[str, Any]:
+    """The values of a method's ``a{sv}`` options, each checked to be known
+    and of its one D-Bus type (interfaces/org.qemu.VMState2.xml).
+
+    Raises:
+        Unsupported: an unknown option, or one of another type.
+    """
+    unknown = set(options) - set(types)
+    if unknown:
+        raise Unsupported(f"unknown {method} options: {quote_some(unknown)} (known: {', '.join(types)})")
+    for name, variant in options.items():
+        if variant.signature != types[name]:
+            raise Unsupported(
+                f"the {method} option {name} must be of D-Bus type {types[name]!r}, got {variant.signature!r}"
+            )
+    return {name: variant.value for name, variant in options.items()}
+

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..errors import Cancelled, Unsupported, quote, quote_some
+from ..errors import Cancelled, Unsupported, quote
+from .boundary import option_values
 
 COMMIT_TIMEOUT = 60
 """Default seconds a staged load waits for Commit."""
@@ -51,18 +52,11 @@ class LoadOptions:
             Unsupported: an unknown option, one of another type than the XML
                 gives, or a value out of range.
         """
-        unknown = set(options) - set(cls.TYPES)
-        if unknown:
-            raise Unsupported(f"unknown Load options: {quote_some(unknown)} (known: commit, commit-timeout)")
-        for name, variant in options.items():
-            if variant.signature != cls.TYPES[name]:
-                raise Unsupported(
-                    f"the Load option {name} must be of D-Bus type {cls.TYPES[name]!r}, got {variant.signature!r}"
-                )
-        mode = options["commit"].value if "commit" in options else "auto"
+        values = option_values("Load", options, cls.TYPES)
+        mode = values.get("commit", "auto")
         if mode not in cls.MODES:
             raise Unsupported(f"unknown Load commit mode {quote(str(mode))} (known: auto, explicit)")
-        timeout = options["commit-timeout"].value if "commit-timeout" in options else COMMIT_TIMEOUT
+        timeout = values.get("commit-timeout", COMMIT_TIMEOUT)
         if not 1 <= timeout <= MAX_COMMIT_TIMEOUT:
             raise Unsupported(f"the Load option commit-timeout must be 1..{MAX_COMMIT_TIMEOUT} seconds, got {timeout}")
         return cls(cls.MODES[mode], timeout)

@@ -16,11 +16,11 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import BackendFailed, Malformed, Unsupported, VMStateError, quote, quote_some
+from ..errors import BackendFailed, Malformed, Unsupported, VMStateError, quote
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
 from ..stream._format import MAX_LEVEL, MIN_LEVEL
 from .channel import Channel
-from .boundary import daemon_failed
+from .boundary import daemon_failed, option_values
 from .records import BytesLike, SaveResult, iter_records, nbytes
 from .staging import StagedGate
 
@@ -64,15 +64,7 @@ class SaveOptions:
             Unsupported: an unknown option, one of another type than the XML
                 gives, an unknown compression method or a value out of range.
         """
-        unknown = set(options) - set(cls.TYPES)
-        if unknown:
-            raise Unsupported(f"unknown Save options: {quote_some(unknown)} (known: compression, level, workers)")
-        for name, variant in options.items():
-            if variant.signature != cls.TYPES[name]:
-                raise Unsupported(
-                    f"the Save option {name} must be of D-Bus type {cls.TYPES[name]!r}, got {variant.signature!r}"
-                )
-        values = {name: variant.value for name, variant in options.items()}
+        values = option_values("Save", options, cls.TYPES)
         if "compression" in values:
             name = values["compression"]
             try:
