@@ -234,6 +234,20 @@ def test_sigterm_on_the_destination_tells_the_source_which_resumes(bus_address, 
     assert states == ["running", "running"]
 
 
+def test_cancel_on_the_source_fails_the_migration_and_both_sides_keep_their_state(bus_address, dest_bus, memstate, tmp_path):
+    reports = pair(memstate, bus_address, dest_bus, tmp_path, size="64M", dirty="64M")
+    incoming = Incoming(dest_bus, f"unix:{tmp_path / 'mig.sock'}")
+    migrating = start(bus_address, "migrate", incoming.address, "--max-bandwidth", "16M")
+    time.sleep(2.0)
+    assert run(bus_address, "cancel").returncode == 0  # another helper (an operator) cancels the transfers
+    _, err = migrating.communicate(timeout=60)
+    assert migrating.returncode == 1, err
+    assert "back-end '" in err and "cancel" in err.lower()
+    code, _, err = incoming.finish()
+    assert code == 4 and "before the end of the container" in err
+    assert_source_serves_on(bus_address, reports)
+
+
 def test_a_peer_that_is_not_a_destination_is_named(bus_address, memstate, tmp_path):
     memstate("fs", "--size", "1M")
     path = str(tmp_path / "ssh.sock")
