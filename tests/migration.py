@@ -10,9 +10,26 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
+
+_STARTED: list[subprocess.Popen[str]] = []
+"""Every command this module started, so that a failed test leaves none running."""
+
+
+@pytest.fixture(autouse=True)
+def reap_commands() -> Iterator[None]:
+    """Import into a test module: after each test, kill and reap what is still running."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 ENV = {**os.environ, "PYTHONWARNINGS": "error"}
 COMMAND = [sys.executable, "-m", "dbus_vmstate2"]
@@ -26,8 +43,10 @@ def run(address: str, *args: str, timeout: float = 180, prefix: list[str] | None
 
 def start(address: str, *args: str, prefix: list[str] | None = None) -> subprocess.Popen[str]:
     argv = [*(prefix or []), *COMMAND, *args, "--address", address]
-    return subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL)  # fmt: skip
+    _STARTED.append(process)
+    return process
 
 
 class Incoming:

@@ -17,6 +17,7 @@ import pytest
 from dbus_vmstate2.privatebus import PrivateBus
 
 from . import netns
+from .migration import reap_commands  # noqa: F401 (the fixture)
 from .migration import Incoming, make_tls, run, start
 from .test_live_save import events
 from .test_migrate import assert_moved, assert_source_serves_on, pair

@@ -23,6 +23,7 @@ import pytest
 from dbus_vmstate2.privatebus import PrivateBus
 from dbus_vmstate2.vmm.qemu import QMP
 
+from .migration import reap_commands  # noqa: F401 (the fixture)
 from .migration import Incoming, run
 from .test_live_save import events
 from .test_migrate import assert_moved, pair
