@@ -505,6 +505,17 @@ def test_the_summary_measures_the_downtime_from_the_switch_over_to_the_last_end(
     assert plan.tick(102.0, []) is d and plan.failed("a", 102.0, "late") is d
 
 
+def test_the_summary_keeps_the_rounds_a_backend_reported_before_its_stop_copy_ended():
+    # A back-end out of pre-copy and stop-copy reports 0 rounds (Pending):
+    # a last look after its stop-copy ended must not wipe the count.
+    plan = PreCopyPlan(["a"], 100.0, PreCopyConfig(downtime_limit=0.0))
+    steady(plan, 101.0, {"a": MiB}, 100.0, a={"dirty": 1000, "rounds": 4})
+    plan.switch_over_now(101.0)
+    plan.tick(101.05, [obs("a", MiB + 500, rounds=0)])
+    d = plan.stop_copy_finished("a", 101.1, received=MiB + 1000, counters=Counters(2 * MiB, MiB + 1000))
+    assert isinstance(d, Finished) and d.summary.rounds == 4
+
+
 def test_an_infinite_expectation_is_null_in_json():
     plan = PreCopyPlan(["a"], 0.0)
     steady(plan, 1.0, {"a": 0}, a={"dirty": 10})

@@ -169,6 +169,8 @@ class _Backend:
     """The latest tick at which it was moving, or had nothing pending (rule 4)."""
     ended: float | None = None
     """When its stop-copy ended."""
+    most_rounds: int = 0
+    """The most rounds it reported: once its stop-copy ended it reports 0 (Pending outside pre-copy)."""
 
     @property
     def initial_done(self) -> bool:
@@ -176,7 +178,7 @@ class _Backend:
 
     @property
     def rounds(self) -> int:
-        return self.pending.rounds if self.pending is not None else 0
+        return self.most_rounds
 
     @property
     def ratio(self) -> float:
@@ -298,6 +300,7 @@ class PreCopyPlan:
             b.received = obs.received
             if obs.pending is not None:
                 b.pending = obs.pending
+                b.most_rounds = max(b.most_rounds, obs.pending.rounds)
             if obs.written is not None:
                 b.written = obs.written
             b.initial_sent = b.initial_sent or obs.initial_data_sent
