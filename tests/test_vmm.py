@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -136,6 +137,24 @@ def run_cli(bus_address: str, *args: str) -> subprocess.Popen[str]:
 
 
 def growing_temp_file(directory: Path, over: int) -> bool:
+    """A save into ``directory`` has written more than ``over`` bytes.
+
+    A save writes an unnamed file (O_TMPFILE): it is found through the fds
+    of the processes that hold it (``/proc/PID/fd`` links to
+    ``DIRECTORY/#INODE (deleted)``); where the file system has no unnamed
+    files, by its temporary name."""
+    prefix = f"{directory}/#"
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = list(fds.iterdir())
+        except OSError:  # gone, or not ours to read
+            continue
+        for link in links:
+            try:
+                if os.readlink(link).startswith(prefix) and link.stat().st_size > over:
+                    return True
+            except OSError:
+                continue
     return any(p.stat().st_size > over for p in temp_files(directory))
 
 

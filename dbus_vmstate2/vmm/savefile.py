@@ -4,9 +4,12 @@ The byte layout lives in :mod:`dbus_vmstate2.stream.container`; this module
 only moves bytes between it and the file system, synchronously (run it in a
 thread from asyncio).
 
-The writer never leaves a half-written file under the final name: it writes a
-temporary file in the same directory, fsyncs it, renames it over the final
-name and fsyncs the directory; on any failure the temporary file is removed.
+The writer never leaves a half-written file under the final name: it writes an
+unnamed file in the same directory (O_TMPFILE, so that nothing is left even if
+the process is killed), fsyncs it, links it under a temporary name and renames
+that over the final name, and fsyncs the directory; on any failure the file
+is removed.  (Where the file system cannot make an unnamed file, the file has
+its temporary name from the start.)
 That is why a save target must be a regular file or a new name (see
 :func:`save_target`): renaming over a FIFO, a device or ``/dev/stdout`` would
 replace it.  The reader needs a regular file too: it reads the index at the
@@ -15,7 +18,9 @@ file's end before anything else, which a pipe cannot give.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import stat
 import tempfile
 import threading
@@ -138,7 +143,7 @@ class SaveFileWriter:
         self.path = save_target(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+            fd, self._tmp = _new_file(directory, f".{os.path.basename(self.path)}.")
         except OSError as exc:  # name the directory, not the random temporary name
             raise UnusableFile(f"cannot save to {os.fspath(path)}: cannot create a file in {directory}: {exc.strerror}") from exc
         self._file = os.fdopen(fd, "wb")
@@ -196,9 +201,12 @@ class SaveFileWriter:
                 self._put(self._container.finish())
                 self._file.flush()
                 os.fsync(self._file.fileno())
-                self._file.close()
                 if self._abandoned:
                     raise Cancelled(f"the save to {self.path} was abandoned before its file was renamed into place")
+                if self._tmp is None:  # unnamed until now: a name of its own, a moment before the rename
+                    self._tmp = _name_file(self._file.fileno(), os.path.dirname(os.path.abspath(self.path)),
+                                           f".{os.path.basename(self.path)}.")  # fmt: skip
+                self._file.close()
                 os.replace(self._tmp, self.path)
                 self._done = True
                 _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
@@ -217,7 +225,8 @@ class SaveFileWriter:
             return
         self._done = True
         try:
-            os.unlink(self._tmp)  # first: closing may fail (it flushes onto a full disk)
+            if self._tmp is not None:  # (an unnamed file goes with its last fd)
+                os.unlink(self._tmp)  # first: closing may fail (it flushes onto a full disk)
         except FileNotFoundError:
             pass
         try:
@@ -244,6 +253,42 @@ class SaveFileWriter:
             self.commit()
         else:
             self.abort()
+
+
+def _new_file(directory: str, prefix: str) -> tuple[int, str | None]:
+    """A new file in ``directory`` for a save: an unnamed one (O_TMPFILE),
+    which vanishes with the process however it ends, even by SIGKILL; where
+    the file system cannot make one, a named temporary file.
+
+    Returns:
+        The fd, and the temporary file's name (None while it has none).
+    """
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600), None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    return tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+
+
+def _name_file(fd: int, directory: str, prefix: str) -> str:
+    """Give the unnamed file ``fd`` a temporary name in ``directory``, to rename.
+
+    linkat(2) of ``/proc/self/fd/N`` with AT_SYMLINK_FOLLOW, as open(2)'s
+    page shows for O_TMPFILE; Python calls linkat only when given a
+    directory fd (else plain link(2), which would link the /proc link itself).
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while True:
+            name = f"{prefix}{secrets.token_hex(4)}.tmp"
+            try:
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                return os.path.join(directory, name)
+            except FileExistsError:
+                continue
+    finally:
+        os.close(dir_fd)
 
 
 def _fsync_dir(directory: str) -> None:
