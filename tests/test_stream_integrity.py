@@ -552,3 +552,32 @@ def test_a_window_over_the_limit_is_refused_from_the_frame_header_before_decodin
     assert zstd_frame_header(big, 0) == 32 << 20
     with pytest.raises(StreamLimitExceeded, match="window of 33554432 bytes"):
         decode_stream(forge([(1, 1000, big, zstd_check(big))]))
+
+
+def test_a_saved_file_cut_into_one_byte_segments_costs_no_more_memory_than_its_record(tmp_path):
+    # inspect (verify_streams) of a valid file whose stream comes a byte per
+    # segment grew by some 28 bytes per stream byte before the decoder
+    # gathered small pieces (259 MiB for 9 MiB).
+    import tracemalloc
+
+    from dbus_vmstate2.stream import Compression, encode_stream
+    from dbus_vmstate2.vmm.savefile import SaveFileReader, SaveFileWriter, verify_streams
+
+    record = bytes(range(256)) * 256  # 64 KiB
+    stream = encode_stream("tiny", [record], Compression.NONE)
+    path = tmp_path / "bytewise.vmstate"
+    with SaveFileWriter(path) as writer:
+        number = writer.open_stream("tiny")
+        view = memoryview(stream)
+        for i in range(len(view)):
+            writer.write(number, view[i : i + 1])
+        writer.close_stream(number)
+    with SaveFileReader(path) as reader:
+        assert reader.streams[0].segments == len(stream)
+        tracemalloc.start()
+        try:
+            assert verify_streams(reader) == [None]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 3 * len(record), f"peak {peak >> 10} KiB for a {len(record) >> 10} KiB record"
