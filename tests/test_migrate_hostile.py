@@ -1,7 +1,8 @@
-"""The migration's transport against hostile or broken peers: a source that
-goes silent in the middle of its first message, and a second peer that
-connects while the first is served.  The destination fails within its
-stated timeout, applies nothing, and its back-ends serve on."""
+"""The migration against hostile or broken peers and faults: a source that
+goes silent in the middle of its first message, a second peer that connects
+while the first is served, a source back-end killed in mid-migration.  Each
+fails within its stated timeout, nothing is applied, and every back-end that
+lives serves on."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dbus_vmstate2.privatebus import PrivateBus
 from dbus_vmstate2.vmm.wire import Kind, Message, encode
 
 from .migration import reap_commands  # noqa: F401 (the fixture)
-from .migration import Incoming, run
+from .migration import Incoming, run, start
 from .test_live_save import events
-from .test_vmm import backend_state
+from .test_vmm import backend_state, wait_for
 
 
 @pytest.fixture
@@ -50,3 +51,24 @@ def test_a_silent_source_and_a_second_peer_fail_only_the_destination_within_its_
     assert second.returncode == 4 and "cannot connect to unix:" in second.stderr, second.stderr
     assert backend_state(dest_bus, dest) == "running" and events(report, "loaded") == []
     assert run(bus_address, "status", "--json").returncode == 0
+
+
+@pytest.mark.slow
+def test_a_source_backend_killed_mid_migration_fails_it_and_every_other_backend_serves_on(
+    bus_address, dest_bus, memstate, tmp_path
+):
+    fs = memstate("fs", "--size", "64M", "--seed", "1", "--dirty-rate", "64M", "--report", str(tmp_path / "fs.src"))
+    net = memstate("net", "--size", "2M", "--seed", "2", "--dirty-rate", "2M")
+    dests = {i: memstate(i, "--report", str(tmp_path / f"{i}.dst"), address=dest_bus) for i in ("fs", "net")}
+    incoming = Incoming(dest_bus, f"unix:{tmp_path / 'mig.sock'}")
+    migrating = start(bus_address, "migrate", incoming.address, "--max-bandwidth", "16M")
+    wait_for(lambda: backend_state(bus_address, net) == "pre-copy", "the pre-copy")
+    net.process.kill()
+    net.process.wait()
+    _, err = migrating.communicate(timeout=60)
+    assert migrating.returncode == 1 and "back-end 'net'" in err, err
+    code, _, dest_err = incoming.finish()
+    assert code == 4, dest_err
+    assert backend_state(bus_address, fs) == "running" and events(tmp_path / "fs.src", "quiesced") == []
+    for backend_id, dest in dests.items():
+        assert backend_state(dest_bus, dest) == "running" and events(tmp_path / f"{backend_id}.dst", "loaded") == []
