@@ -35,8 +35,8 @@ from dbus_fast.aio import MessageBus
 from ..errors import BackendFailed, InvalidState, Unsupported, VMStateError
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
 from ..states import Effect, Event, Machine, State, Step, Transfer
-from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression, RecordType
-from .boundary import call_daemon, log, log_exception
+from ..stream import FORMAT_VERSION, MAX_RECORD_SIZE, Compression, Record, RecordType
+from .boundary import call_daemon, daemon_failed, log, log_exception
 from .callers import CallerGate, default_allowed_uids
 from .channel import Channel
 from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable, as_daemon
@@ -574,16 +574,33 @@ class Backend:
         """VMState1 Load: verify the whole blob, then hand its records to the daemon."""
         step = self._handle(Event.LOAD)
         job = self._job = Job(step.transfer)
+        load = self._daemon.load
 
-        async def work() -> None:
-            records = await self._workers.run(decode_inline, self.id, blob, self._inline_mode)
+        def verified() -> list[Record]:
+            records = decode_inline(self.id, blob, self._inline_mode)
             if not self._iterative and any(r.type is not RecordType.DATA for r in records):
                 raise Unsupported("the blob is an iterative save's, and this back-end's daemon takes only one-shot saves")
             progress = job.progress
             progress.records, progress.stream_bytes = len(records), len(blob)
             progress.raw_bytes = sum(r.raw_size for r in records)
+            return records
+
+        def verify_and_load() -> None:  # one hop into a worker, not two: time inside the downtime
+            records = verified()
             try:
-                await call_daemon("load", self._workers, self._daemon.load, iter(records))
+                load(iter(records))
+            except VMStateError as exc:
+                raise LoadOutcome(exc) from exc
+            except Exception as exc:
+                raise LoadOutcome(daemon_failed("load", exc)) from exc
+
+        async def work() -> None:
+            if not inspect.iscoroutinefunction(load):
+                await self._workers.run(verify_and_load)
+                return
+            records = await self._workers.run(verified)
+            try:
+                await call_daemon("load", self._workers, load, iter(records))
             except VMStateError as exc:
                 raise LoadOutcome(exc) from exc
 
