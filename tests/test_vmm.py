@@ -229,9 +229,11 @@ def test_vmm_terminated_in_mid_load_cancels_and_cleans_up(bus_address, memstate,
     image = tmp_path / "vm.vmstate"
     assert cli(bus_address, "save", str(image), "--compression", "none") == 0
     source.stop()
-    memstate("big", "--size", "1K", "--seed", "5", "--save-loaded", str(tmp_path / "big.loaded"))
+    dest = memstate("big", "--size", "1K", "--seed", "5", "--save-loaded", str(tmp_path / "big.loaded"))
     loader = run_cli(bus_address, "load", str(image))
-    time.sleep(0.3)
+    # In mid-load, not in the command's start-up (a busy machine may take
+    # longer than any fixed delay to get there).
+    wait_for(lambda: backend_state(bus_address, dest) == "resuming" or loader.poll() is not None, "the load to start")
     loader.send_signal(signal.SIGTERM)
     _, err = loader.communicate(timeout=120)
     if loader.returncode == 0:
