@@ -57,6 +57,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_transfer import table  # noqa: E402
 
 from dbus_vmstate2.names import VMSTATE1_SIZE_LIMIT  # noqa: E402
 from dbus_vmstate2.privatebus import PrivateBus  # noqa: E402
@@ -193,14 +196,6 @@ async def measure(address: str, ids: list[str], rounds: int, calls: int) -> dict
     finally:
         bus.disconnect()
         await bus.wait_for_disconnect()
-
-
-def table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if n == 0:
-            print("  " + "  ".join("-" * w for w in widths))
 
 
 def main(argv: list[str] | None = None) -> int:

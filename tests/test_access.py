@@ -3,24 +3,19 @@ a second real user (``nobody``) calling through busctl under setpriv."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
-import warnings
 
 import pytest
-
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
 
 from dbus_vmstate2.errors import ErrorName
 from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE2
 from dbus_vmstate2.privatebus import OPEN_POLICY, PrivateBus
 
+from .as_user import NOBODY, call_as
 from .conftest import count_fds, start_memstate
 
-NOBODY = 65534
 
 pytestmark = pytest.mark.skipif(
     os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to call as a second user"
@@ -44,42 +39,10 @@ def busctl(address: str, *args: str, user: int | None = None) -> subprocess.Comp
 
 
 def call_with_fd_as(user: int, address: str, name: str, member: str, fd: int) -> str:
-    """Call ``member(fd, {})`` as ``user`` over a connection of its own;
-    return the error name of the reply ("" for success).
-
-    busctl cannot pass an fd, and the interpreter may sit where another user
-    cannot reach it, so a forked child of this test, already holding every
-    module it needs, drops to ``user`` and makes the call.
-    """
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child only calls and exits
-        pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(user)
-            os.setuid(user)
-
-            async def call() -> str:
-                bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
-                reply = await bus.call(Message(destination=name, path=OBJECT_PATH, interface=VMSTATE2, member=member,
-                                               signature="ha{sv}", body=[0, {}], unix_fds=[fd]))  # fmt: skip
-                bus.disconnect()
-                return reply.error_name or "" if reply.message_type is MessageType.ERROR else ""
-
-            os.write(w, asyncio.run(call()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as result:
-        answer = result.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child failed to call"
-    return answer
+    """Call ``member(fd, {})`` as ``user`` over a connection of its own
+    (busctl cannot pass an fd: tests/as_user.py forks a child that can);
+    return the error name of the reply ("" for success)."""
+    return call_as(user, address, name, VMSTATE2, member, "ha{sv}", [0, {}], [fd])[0]
 
 
 def state(address: str, name: str, user: int | None = None) -> str:

@@ -162,6 +162,20 @@ async def test_a_daemon_that_swallows_the_discard_is_in_error(bus_address, clien
         assert await get_state(client, backend) == "error"
 
 
+async def test_a_daemon_that_returns_early_is_never_staged_for_commit(bus_address, client):
+    def hasty_load(records) -> None:
+        next(iter(records))  # takes one record, "commits", returns
+
+    async with Backend("hasty", lambda: [b"a" * 100, b"b" * 100], hasty_load, address=bus_address):
+        [backend] = await list_backends(client)
+        stream = await save_bytes(client, backend)
+        async with Staged(client) as staged:
+            number = await load_bytes(client, backend, stream, EXPLICIT)
+            with pytest.raises(BackendFailed, match="before reading every record"):
+                await wait_finished(client, backend, number)
+        assert staged.numbers == [] and await get_state(client, backend) == "error"
+
+
 async def test_capability(client, pair):
     backend, *_ = pair
     [caps] = await call(client, backend.unique_name, "org.freedesktop.DBus.Properties", "Get", "ss",

@@ -235,8 +235,9 @@ def _daemon_load(load: Callable[[Iterator[Record]], Any], reader: _RecordReader)
         raise LoadOutcome(daemon_failed("load", exc)) from exc
     if not reader.verified:
         # The daemon returned before the end: whatever it kept is unverified.
+        # Read the rest only to say why; never stage it for a Commit.
         try:
-            for _ in reader.records():
+            for _ in reader.records(stage=False):
                 pass
         except VMStateError as exc:
             raise LoadOutcome(exc) from exc
@@ -277,16 +278,17 @@ class _RecordReader:
         self.error: VMStateError | None = None
         self.verified = False
 
-    def records(self) -> Iterator[Record]:
+    def records(self, stage: bool = True) -> Iterator[Record]:
+        """The verified records; with ``stage``, the end waits at a two-phase load's gate."""
         if self.error is not None:  # failed for good: asked again (a daemon that went on), fail again
             raise self.error
         try:
-            yield from self._records()
+            yield from self._records(stage)
         except VMStateError as exc:
             self.error = exc
             raise
 
-    def _records(self) -> Iterator[Record]:
+    def _records(self, stage: bool) -> Iterator[Record]:
         if self._producer is None:
             self._producer = self._submit(self._produce)
         while not self.verified:
@@ -294,7 +296,7 @@ class _RecordReader:
             if isinstance(item, BaseException):
                 raise item
             if item is None:  # the whole stream verified, and its end of file seen
-                if self._staged is not None:
+                if stage and self._staged is not None:
                     self._staged.wait()
                 self.verified = True
             else:

@@ -40,7 +40,7 @@ from ..stream import NEED_DATA
 from ..stream.container import ContainerEnd, ContainerReader, ContainerWriter, SegmentData, StreamInfo
 from .calls import call
 from .discovery import BackendInfo
-from .loading import StagedLoads, write_all
+from .loading import StagedLoads, two_phase_support, write_all
 from .migrate import read_message
 from .qemu import QemuDestination
 from .transfers import STALL_TIMEOUT, Progress, in_thread, labelled
@@ -159,13 +159,14 @@ async def _receive(
         await _tell(conn, Kind.REFUSED, exc)
         raise
     try:
+        two_phase = await two_phase_support(bus, ordered)
+        if not all(two_phase.values()):  # refused before any Load starts
+            raise Unsupported(
+                "a back-end here has no two-phase load (Capabilities two-phase-load): it would apply its "
+                "stream alone, before the others verified; update it to migrate all or nothing"
+            )
         async with StagedLoads(bus, ordered, progress, stall_timeout=timeouts.stall,
-                               commit_timeout=max(1, int(timeouts.commit))) as loads:  # fmt: skip
-            if not loads.all_two_phase:
-                raise Unsupported(
-                    "a back-end here has no two-phase load (Capabilities two-phase-load): it would apply its "
-                    "stream alone, before the others verified; update it to migrate all or nothing"
-                )
+                               commit_timeout=max(1, int(timeouts.commit)), two_phase=two_phase) as loads:  # fmt: skip
             await conn.send(encode(Message(Kind.READY, {"backends": ids})))
             progress.begin("receiving")
             progress.backends = len(ids)

@@ -12,7 +12,7 @@ damaged file or stream is read once, and touches no back-end's state.
 
 A back-end that has no two-phase load (``Capabilities["two-phase-load"]``
 absent: an older library, another implementation) gets a plain Load, which
-applies as soon as its own stream verified; :attr:`StagedLoads.all_two_phase`
+applies as soon as its own stream verified; :func:`two_phase_support`
 tells the caller, who can verify the input first to keep the guarantee
 (``load_from_file`` does).
 
@@ -28,7 +28,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dbus_fast import Message, Variant
@@ -77,6 +77,8 @@ class StagedLoads:
             :meth:`feed`'s writes into a back-end that reads nothing.
         commit_timeout: seconds each back-end holds its staged load for
             our Commit before it discards it by itself.
+        two_phase: :func:`two_phase_support` of ``backends``, if the caller
+            has already asked; else it is asked on entry.
     """
 
     def __init__(
@@ -87,25 +89,31 @@ class StagedLoads:
         *,
         stall_timeout: float | None = STALL_TIMEOUT,
         commit_timeout: int = COMMIT_TIMEOUT,
+        two_phase: Mapping[str, bool] | None = None,
     ) -> None:
         self.bus = bus
         self.backends = list(backends)
         self.progress = progress or Progress()
         self.fds: dict[str, int] = {}
         """Back-end Id -> the write end of its pipe (blocking), until :meth:`end_input`."""
-        self.all_two_phase = True
-        """False if a back-end can only load with auto commit (see the module docstring)."""
+        self._two_phase: dict[str, bool] = dict(two_phase) if two_phase is not None else {}
         self._stall_timeout = stall_timeout
         self._commit_timeout = commit_timeout
         self.operation = Operation(bus, self.backends)
         """The loads' transfers: :meth:`Operation.run` runs jobs beside them, stopping all on a failure."""
         self._staged = _StagedSignals(bus)
         self._numbers: dict[str, int] = {}
-        self._two_phase: dict[str, bool] = {}
         self._started: dict[str, float] = {}
         self._committed = False
 
+    @property
+    def all_two_phase(self) -> bool:
+        """False if a back-end can only load with auto commit (see the module docstring)."""
+        return all(self._two_phase.values())
+
     async def __aenter__(self) -> StagedLoads:
+        if not self._two_phase:
+            self._two_phase = await two_phase_support(self.bus, self.backends)
         await self.operation.signals.__aenter__()
         try:
             await self._staged.__aenter__()
@@ -123,10 +131,7 @@ class StagedLoads:
             await self._leave()
 
     async def _start(self, backend: BackendInfo) -> None:
-        status = await describe(self.bus, backend)
-        two_phase = bool(status.capabilities.get("two-phase-load", False))
-        self._two_phase[backend.id] = two_phase
-        self.all_two_phase &= two_phase
+        two_phase = self._two_phase[backend.id]
         options = {"commit": Variant("s", "explicit"), "commit-timeout": Variant("u", self._commit_timeout)}
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         self.fds[backend.id] = write_end
@@ -313,9 +318,11 @@ async def load_from_file(
                 held = ", ".join(info.backend_id for info in reader.streams) or "none"
                 raise IdMismatch(f"{os.fspath(path)} holds no state for back-end {backend.id!r} (it holds: {held})") from None
         sizes = {b.id: reader.streams[streams[b.id]].stream_bytes for b in backends}
-        if verify and not all(await _two_phase(bus, backends)):
+        two_phase = await two_phase_support(bus, backends)
+        if verify and not all(two_phase.values()):
             await _verify_first(reader, path, progress)
-        async with StagedLoads(bus, backends, progress, stall_timeout=stall_timeout, commit_timeout=commit_timeout) as loads:
+        async with StagedLoads(bus, backends, progress, stall_timeout=stall_timeout, commit_timeout=commit_timeout,
+                               two_phase=two_phase) as loads:  # fmt: skip
             progress.begin("loading", sizes)
 
             def pump(backend_id: str) -> Callable[[int, threading.Event], None]:
@@ -331,8 +338,9 @@ async def load_from_file(
         reader.close()
 
 
-async def _two_phase(bus: MessageBus, backends: Sequence[BackendInfo]) -> list[bool]:
-    return [bool((await describe(bus, b)).capabilities.get("two-phase-load", False)) for b in backends]
+async def two_phase_support(bus: MessageBus, backends: Sequence[BackendInfo]) -> dict[str, bool]:
+    """Whether each back-end (by Id) can load in two phases (``Capabilities["two-phase-load"]``)."""
+    return {b.id: bool((await describe(bus, b)).capabilities.get("two-phase-load", False)) for b in backends}
 
 
 async def _verify_first(reader: SaveFileReader, path: str | os.PathLike[str], progress: Progress) -> None:
