@@ -33,7 +33,8 @@ async def _spawn(address: str, backend_id: str, *args: str) -> asyncio.subproces
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 120)
+    async with asyncio.timeout(120):
+        line = await process.stdout.readline()
     if not line.startswith(b"READY "):
         raise RuntimeError(f"back-end {backend_id} did not start")
     return process

@@ -7,6 +7,7 @@ up in its stderr, which must be exactly the one "interrupted" line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from dbus_vmstate2.cli import EXIT_INTERRUPTED, main
+from dbus_vmstate2.names import VMSTATE2
+from dbus_vmstate2.vmm.calls import PROPERTIES, call
 
 from .conftest import ROOT
 from .test_file_targets import transfers_seen
@@ -137,3 +140,37 @@ def _reading(pid: int, path: Path) -> bool:
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
     except FileNotFoundError:
         return False
+
+
+async def test_a_cancellation_that_lands_with_a_reply_is_never_lost(client, memstate):
+    """SIGTERM cancels the command's task; a bus call it is in must end with
+    the cancellation even when the reply arrives in the same moment (Python
+    3.11's ``asyncio.wait_for`` returned the reply instead, and a live
+    migration then ran on for minutes after SIGTERM)."""
+    backend = memstate("fs", "--size", "4K")
+
+    async def ask_forever() -> None:
+        while True:
+            await call(client, backend.unique_name, PROPERTIES, "Get", "ss", [VMSTATE2, "State"])
+
+    for attempt in range(400):
+        task = asyncio.ensure_future(ask_forever())
+        await asyncio.sleep(attempt % 40 / 10_000)  # 0 to 4 ms: across a call's round trip
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        while not task.done():  # swallowed: stop it before failing
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        assert done and task.cancelled(), f"attempt {attempt}: the cancellation was swallowed"
+
+
+def test_the_package_waits_with_asyncio_timeout_not_wait_for():
+    """Python 3.11's ``asyncio.wait_for`` can swallow the cancellation (above):
+    every bounded wait is ``async with asyncio.timeout(...)`` instead."""
+    used = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "dbus_vmstate2").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "asyncio.wait_for(" in line
+    ]
+    assert not used

@@ -56,7 +56,8 @@ async def call(
     if not bus.connected:
         raise BusLost(f"the connection to the bus was lost (the bus daemon went away?) before {interface}.{member}")
     try:
-        reply = await asyncio.wait_for(bus.call(message), timeout)
+        async with asyncio.timeout(timeout):
+            reply = await bus.call(message)
     except TimeoutError:
         raise BackendFailed(f"{destination} did not answer {interface}.{member} within {timeout:g} s") from None
     except (EOFError, OSError) as exc:

@@ -133,7 +133,8 @@ async def cancel_latest(bus: MessageBus, backend: BackendInfo, wait: float = 10.
                 return replace(report, transfer=latest.number, note=f"transfer #{latest.number} ended before it could be cancelled")
             outcome: VMStateError | None = None
             try:
-                await asyncio.wait_for(signals.wait_finished(backend, latest.number), wait)
+                async with asyncio.timeout(wait):
+                    await signals.wait_finished(backend, latest.number)
             except TimeoutError:
                 return replace(report, transfer=latest.number, cancelled=True, note=f"still ending after {wait:g} s")
             except VMStateError as exc:

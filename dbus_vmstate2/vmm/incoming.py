@@ -214,7 +214,8 @@ async def _tell(conn: Connection, kind: Kind, exc: BaseException) -> None:
         if kind is Kind.FAILED:
             text += "; nothing was applied"
     try:
-        await asyncio.wait_for(conn.send(encode(Message(kind, {"error": error, "message": text}))), 5.0)
+        async with asyncio.timeout(5.0):
+            await conn.send(encode(Message(kind, {"error": error, "message": text})))
         conn.writer.write_eof()
         deadline = time.monotonic() + LINGER
         while (left := deadline - time.monotonic()) > 0:

@@ -134,9 +134,13 @@ class WireWriter:
         waiting.result()
         self.acked_at = time.monotonic()
 
+    async def _answer_within(self, seconds: float) -> Message:
+        async with asyncio.timeout(seconds):
+            return await asyncio.shield(self._answer)
+
     async def _await_answer(self) -> Message:
         try:
-            return await asyncio.wait_for(asyncio.shield(self._answer), self._ack_timeout)
+            return await self._answer_within(self._ack_timeout)
         except TimeoutError:
             self._conn.abort()
             raise LinkFailed(
@@ -172,7 +176,7 @@ class WireWriter:
         if self._abandoned:
             return exc
         try:
-            asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(self._answer), 2.0), self._loop).result()
+            asyncio.run_coroutine_threadsafe(self._answer_within(2.0), self._loop).result()
         except (PeerRefused, LinkFailed) as refused:
             return refused if isinstance(refused, PeerRefused) else exc
         except Exception:

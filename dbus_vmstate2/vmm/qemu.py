@@ -59,8 +59,10 @@ class QMP:
             QemuFailed: no QMP socket at ``path``, or no greeting in time.
         """
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
-            greeting = json.loads(await asyncio.wait_for(reader.readline(), timeout) or b"{}")
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+            async with asyncio.timeout(timeout):
+                greeting = json.loads(await reader.readline() or b"{}")
         except (OSError, TimeoutError, ValueError) as exc:
             raise QemuFailed(f"cannot use QEMU's QMP socket {path}: {exc or type(exc).__name__}") from exc
         if "QMP" not in greeting:
@@ -100,7 +102,8 @@ class QMP:
         request = {"execute": command, "id": key, **({"arguments": arguments} if arguments else {})}
         self._writer.write(json.dumps(request).encode() + b"\n")
         try:
-            reply = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                reply = await future
         except TimeoutError:
             raise QemuFailed(f"QEMU did not answer {command} within {timeout:g} s") from None
         finally:
@@ -222,7 +225,8 @@ class QemuSource:
                 raise QemuFailed(f"QEMU's migration did not complete within {self.timeout:g} s of migrate-continue")
             self._status.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status.wait(), min(left, 1.0))
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._status.wait()
             if self.status != "completed":  # an event lost: ask
                 self.status = await _migration_status(self.qmp)
 

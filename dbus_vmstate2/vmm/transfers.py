@@ -456,7 +456,8 @@ def watch_outcome(signals: FinishedSignals, backend: BackendInfo, number: int, p
 async def _reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
     """Raise the back-end's own error from ``outcome``, if it reports one soon."""
     try:
-        await asyncio.wait_for(asyncio.shield(outcome), 5.0)
+        async with asyncio.timeout(5.0):
+            await asyncio.shield(outcome)
     except VMStateError as reported:
         if reported.remote_name in set(ErrorName) or isinstance(reported, BusLost):  # the bus died: say so
             raise

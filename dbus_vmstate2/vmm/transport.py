@@ -147,7 +147,8 @@ class Connection:
         if self.writer.transport.is_closing():
             raise LinkFailed(f"the connection to {self.peer} was lost (closed)")
         try:
-            await asyncio.wait_for(self.writer.drain(), self.io_timeout)
+            async with asyncio.timeout(self.io_timeout):
+                await self.writer.drain()
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout, not ETIMEDOUT
                 self.abort()
@@ -177,7 +178,8 @@ class Connection:
         """
         timeout = self.io_timeout if timeout is not None and timeout < 0 else timeout
         try:
-            return await asyncio.wait_for(self.reader.read(size), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.reader.read(size)
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout, not ETIMEDOUT
                 raise LinkFailed(
@@ -201,12 +203,14 @@ class Connection:
         try:
             if not self.writer.transport.is_closing():
                 self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.writer.wait_closed()
         except (Exception, asyncio.TimeoutError):
             self.abort()
         if self._process is not None:
             try:
-                await asyncio.wait_for(self._process.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._process.wait()
             except TimeoutError:
                 self._process.kill()
                 await self._process.wait()
@@ -261,7 +265,8 @@ async def connect(
             if context is not None:
                 raise ValueError("TLS is for tcp: (a unix socket is protected by its file permissions)")
             opening = asyncio.open_unix_connection(uri.path, limit=BUFFER)
-        reader, writer = await asyncio.wait_for(opening, connect_timeout)
+        async with asyncio.timeout(connect_timeout):
+            reader, writer = await opening
     except TimeoutError:
         raise LinkFailed(f"cannot connect to {uri}: no answer within {connect_timeout:g} s (the connect timeout)") from None
     except (OSError, ssl.SSLError) as exc:
@@ -341,7 +346,8 @@ class Listener:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
         try:
-            sock, peer = await asyncio.wait_for(loop.sock_accept(self._sock), timeout)
+            async with asyncio.timeout(timeout):
+                sock, peer = await loop.sock_accept(self._sock)
         except TimeoutError:
             raise LinkFailed(f"no source connected to {self.address} within {timeout:g} s (the accept timeout)") from None
         finally:
@@ -350,11 +356,11 @@ class Listener:
         reader = asyncio.StreamReader(limit=BUFFER)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(lambda: protocol, sock, ssl=self._tls,
-                                             ssl_handshake_timeout=self._connect_timeout if self._tls else None),
-                self._connect_timeout + 1,
-            )  # fmt: skip
+            async with asyncio.timeout(self._connect_timeout + 1):
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=self._tls,
+                    ssl_handshake_timeout=self._connect_timeout if self._tls else None,
+                )  # fmt: skip
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             sock.close()
             why = f"no handshake within {self._connect_timeout:g} s" if isinstance(exc, TimeoutError) else _reason(exc)
