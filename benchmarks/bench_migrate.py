@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         summary = migrate_once(src_bus.address, dst_bus.address, link, how, args.downtime_limit)
                         results[name][how].append(summary)
                         print(f"  {name}, run {run + 1}, {how}: downtime {ms(summary['downtime'])} "
-                              f"(stop-copy {ms(summary['stop_copy_time'])}), {summary['rounds']} round(s), "
+                              f"(expected {ms(summary['expected_downtime'])}, stop-copy "
+                              f"{ms(summary['stop_copy_time'])}), {summary['rounds']} round(s), "
                               f"{summary['stream_bytes'] / (1 << 20):.0f} MiB, total {summary['total_time']:.1f} s",
                               flush=True)  # fmt: skip
         finally:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from dbus_vmstate2.errors import MigrationAborted
 from dbus_vmstate2.vmm.precopy import (
     AwaitStopCopy,
+    Backlog,
     Continue,
     Counters,
     Finished,
@@ -375,6 +376,55 @@ def test_compression_ratio_and_bytes_in_flight_adjust_the_pending_bytes():
     assert expected(Counters(40 * MiB, 10 * MiB)) == pytest.approx(2 * MiB / (10 * MiB))
     # 1 MiB more written than received: in flight, still to drain
     assert expected(Counters(44 * MiB, 11 * MiB)) == pytest.approx((8 * MiB * 0.25 + MiB) / (10 * MiB))
+
+
+def test_the_destinations_backlog_goes_before_stop_copy_and_its_handover_after():
+    def expected(backlog: Backlog | None, rates: dict[str, int], **pending) -> float:
+        plan = PreCopyPlan(list(rates), 0.0)
+        for i in range(1, 11):
+            plan.tick(i * TICK, [obs(n, int(r * i * TICK), **pending.get(n, {})) for n, r in rates.items()], backlog)
+        return plan.status(1.0).expected_downtime
+
+    one = {"a": 10 * MiB}
+    assert expected(None, one, a={"dirty": MiB}) == pytest.approx(0.1)
+    # 2 MiB queued on the link drain first, through the same channel; then 50 ms of handover
+    assert expected(Backlog(2 * MiB, 0.05), one, a={"dirty": MiB}) == pytest.approx(0.35)
+    # nothing pending: what is queued and the handover remain
+    assert expected(Backlog(MiB, 0.02), one) == pytest.approx(0.12)
+    # the queue shares the total's channel, not a slow back-end's own
+    two = {"fast": 100 * MiB, "slow": MiB}
+    assert expected(Backlog(10 * MiB, 0.0), two, slow={"dirty": MiB // 2}) == pytest.approx(0.5)
+    assert expected(Backlog(101 * MiB, 0.0), two, slow={"dirty": MiB // 2}) == pytest.approx(1.0 + 0.5 / 101)
+
+
+def test_a_backlog_holds_the_switch_over_until_it_drains_and_is_kept_between_ticks():
+    plan = PreCopyPlan(["a"], 0.0)  # 300 ms limit
+    for i in range(1, 11):
+        d = plan.tick(i * TICK, [obs("a", i * MiB, dirty=MiB // 2)], Backlog(3 * MiB, 0.04) if i == 1 else None)
+    assert isinstance(d, Continue)  # 0.5 + 3 MiB at 10 MiB/s, plus 40 ms: 390 ms
+    assert plan.status(1.0).expected_downtime == pytest.approx(0.39)
+    d = plan.tick(1.1, [obs("a", 11 * MiB, dirty=MiB // 2)], Backlog(MiB, 0.04))
+    assert isinstance(d, SwitchOver) and d.expected_downtime == pytest.approx(0.19)
+    with pytest.raises(ValueError):
+        Backlog(-1)
+    with pytest.raises(ValueError):
+        Backlog(0, math.nan)
+
+
+def test_a_plan_that_gives_up_names_the_backlog_in_its_figures():
+    plan = PreCopyPlan(["a"], 0.0, PreCopyConfig(max_rounds=2))
+    d = steady(plan, 2.0, {"a": 10 * MiB}, a={"dirty": 4 * MiB, "rounds": 2})
+    assert isinstance(d, GiveUp) and "queued" not in d.message
+    plan = PreCopyPlan(["a"], 0.0, PreCopyConfig(max_rounds=2))
+    plan.tick(TICK, [obs("a", MiB, dirty=4 * MiB, rounds=2)], Backlog(2 * MiB, 0.03))
+    d = steady(plan, 2.0, {"a": 10 * MiB}, a={"dirty": 4 * MiB, "rounds": 2})
+    assert isinstance(d, GiveUp)
+    assert "with 2.0 MiB queued on the link and a handover of 30 ms" in d.message, d.message
+    plan = PreCopyPlan(["a"], 0.0, PreCopyConfig(max_rounds=2))
+    plan.tick(TICK, [obs("a", MiB, rounds=2)], Backlog(0, 0.4))
+    d = steady(plan, 2.0, {"a": 10 * MiB}, a={"rounds": 2})
+    assert isinstance(d, GiveUp) and d.message.startswith("the handover alone ("), d.message
+    assert "take 400 ms, over the 300 ms downtime limit" in d.message
 
 
 def test_initial_data_blocks_the_switch_over_until_sent_or_zero():

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dbus_vmstate2.errors import BadMagic, Corrupt, Malformed, StreamError, StreamLimitExceeded, Truncated, UnsupportedVersion
 from dbus_vmstate2.stream import NEED_DATA
-from dbus_vmstate2.vmm.wire import HEAD_SIZE, Kind, Message, MessageReader, encode, hello_backends
+from dbus_vmstate2.vmm.wire import HEAD_SIZE, Kind, Message, MessageReader, encode, hello_backends, ready_setup_seconds
 
 HELLO = Message(Kind.HELLO, {"backends": ["fs", "net"]})
 # A hand-made vector: the HELLO above (magic, kind 1, version 1, reserved,
@@ -91,6 +91,15 @@ def test_an_end_inside_a_message_is_truncated():
 def test_a_hello_needs_distinct_ids(ids):
     with pytest.raises(Malformed):
         hello_backends(Message(Kind.HELLO, {"backends": ids}))
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (0.012, 0.012), (0, 0.0), (None, None), (-1, None), (True, None), ("0.1", None), (float("nan"), None),
+    (float("inf"), None),
+])  # fmt: skip
+def test_readys_setup_seconds_is_optional_and_only_a_time_counts(value, seconds):
+    body = {"backends": ["fs"]} if value is None else {"backends": ["fs"], "setup_seconds": value}
+    assert ready_setup_seconds(Message(Kind.READY, body)) == seconds
 
 
 @settings(max_examples=300, deadline=None)

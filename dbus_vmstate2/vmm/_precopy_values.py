@@ -78,6 +78,26 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class Backlog:
+    """What the container's destination still has to do after the back-ends'
+    last byte, as the adapter sees it at a tick (rule 3).  A file has none;
+    a migration's connection has bytes on their way and a handover."""
+
+    queued: int = 0
+    """Stream bytes received from the back-ends and not yet delivered (in
+    this process's buffers and the kernel's send queue, on their way to the
+    peer): they go before any stop-copy byte."""
+    handover: float = 0.0
+    """Seconds the end takes once the last byte is through (a migration's:
+    the destination's commit and its answer), as estimated by the adapter."""
+
+    def __post_init__(self) -> None:
+        _check_counts(self, "queued")
+        if not isinstance(self.handover, (int, float)) or not math.isfinite(self.handover) or self.handover < 0:
+            raise ValueError(f"Backlog.handover must be a number of seconds >= 0, not {self.handover!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class PreCopyConfig:
     """The limits of a live save; every figure in seconds unless named otherwise."""
 

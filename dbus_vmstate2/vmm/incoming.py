@@ -167,7 +167,8 @@ async def _receive(
             )
         async with StagedLoads(bus, ordered, progress, stall_timeout=timeouts.stall,
                                commit_timeout=max(1, int(timeouts.commit)), two_phase=two_phase) as loads:  # fmt: skip
-            await conn.send(encode(Message(Kind.READY, {"backends": ids})))
+            ready = {"backends": ids, "setup_seconds": round(time.monotonic() - started, 6)}
+            await conn.send(encode(Message(Kind.READY, ready)))
             progress.begin("receiving")
             progress.backends = len(ids)
             try:

@@ -162,8 +162,8 @@ async def save_live(
                                  lambda fd, stream, b=source.backend: StreamPump(
                                      fd, writer, stream, b.id, progress, verify=verify,
                                      close_timeout=close_timeout, throttle=throttle))  # fmt: skip
-                summary = await _drive(bus, sources, initial, config, progress, wake, on_status, on_switch_over,
-                                       switch_over, watch)  # fmt: skip
+                summary = await _drive(bus, sources, writer, initial, config, progress, wake, on_status,
+                                       on_switch_over, switch_over, watch)  # fmt: skip
             except BaseException:
                 writer.abandon()  # a connection is dropped now: no pump stays blocked on it
                 await wait_regardless(asyncio.ensure_future(_abandon(bus, operation, sources)))
@@ -232,7 +232,8 @@ async def _start(
 
 
 async def _drive(
-    bus: MessageBus, sources: list[_Source], initial: _InitialSignals, config: PreCopyConfig | None,
+    bus: MessageBus, sources: list[_Source], sink: ContainerSink, initial: _InitialSignals,
+    config: PreCopyConfig | None,
     progress: Progress, wake: asyncio.Event, on_status: Callable[[Status], None] | None,
     on_switch_over: Callable[[float], None] | None, switch_over: asyncio.Event | None,
     watch: asyncio.Future[Any] | None,
@@ -263,7 +264,7 @@ async def _drive(
         if switch_over is not None and switch_over.is_set() and not switched:
             decision = plan.switch_over_now(time.monotonic())
         else:
-            decision = plan.tick(time.monotonic(), observations)
+            decision = plan.tick(time.monotonic(), observations, sink.backlog())
         if isinstance(decision, SwitchOver) and not switched:
             switched = True
             progress.phase = "stop-copy"  # not begin(): the received counts go on

@@ -30,6 +30,7 @@ from dbus_fast.aio import MessageBus
 
 from ..errors import LinkFailed, PeerRefused, StreamError
 from ..stream.container import ContainerWriter, StreamInfo
+from ._precopy_values import Backlog
 from .discovery import BackendInfo
 from .live import save_live
 from .control import resume
@@ -39,7 +40,7 @@ from .qemu import QemuSource
 from .transfers import Progress, wait_regardless
 from .transport import CONNECT_TIMEOUT, IO_TIMEOUT, Connection, TlsCreds, connect
 from .uri import FileUri, Uri
-from .wire import Kind, Message, MessageReader, encode
+from .wire import Kind, Message, MessageReader, encode, ready_setup_seconds
 
 ACK_TIMEOUT = 120.0
 """Default seconds the source waits, once it has sent everything, for the
@@ -91,13 +92,18 @@ class WireWriter:
 
     Its :meth:`commit` sends the index and the footer, then waits up to
     ``ack_timeout`` for the destination's answer (``answer``, read by the
-    event loop): it returns on COMMITTED and raises otherwise.
+    event loop): it returns on COMMITTED and raises otherwise.  ``handover``
+    estimates, in seconds, how long that answer takes once the last byte
+    is through (:meth:`backlog`).
     """
 
-    def __init__(self, conn: Connection, answer: asyncio.Future[Message], ack_timeout: float) -> None:
+    def __init__(
+        self, conn: Connection, answer: asyncio.Future[Message], ack_timeout: float, handover: float = 0.0,
+    ) -> None:
         self._conn = conn
         self._answer = answer
         self._ack_timeout = ack_timeout
+        self._handover = handover
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._container = ContainerWriter()
@@ -147,6 +153,11 @@ class WireWriter:
                 f"{self._conn.peer} did not acknowledge the migration within {self._ack_timeout:g} s after "
                 "the last byte (the acknowledgement timeout): nothing is known to be applied there"
             ) from None
+
+    def backlog(self) -> Backlog:
+        """What the switch-over will wait for beyond the back-ends: the bytes
+        on their way to the destination, and the handover."""
+        return Backlog(self._conn.unsent(), self._handover)
 
     def abandon(self) -> None:
         """Drop the connection (from the event loop): every send and the commit's wait end at once."""
@@ -227,13 +238,23 @@ def refusal(message: Message, peer: str) -> PeerRefused:
     return error
 
 
-async def _handshake(conn: Connection, backends: Sequence[BackendInfo], reader: MessageReader) -> None:
+async def _handshake(conn: Connection, backends: Sequence[BackendInfo], reader: MessageReader) -> Message:
     await conn.send(encode(Message(Kind.HELLO, {"backends": [b.id for b in backends]})))
     answer = await read_message(conn, reader, conn.io_timeout, "its READY answer to our HELLO")
     if answer.kind in (Kind.REFUSED, Kind.FAILED):  # FAILED: its loads could not start
         raise refusal(answer, conn.peer)
     if answer.kind is not Kind.READY:
         raise LinkFailed(f"{conn.peer} answered our HELLO with {answer.kind.name}, expected READY or REFUSED")
+    return answer
+
+
+def _handover(conn: Connection, ready: Message, handshake: float) -> float:
+    """Seconds the handover should take after the last byte: the destination's
+    commit costs about what its READY did (a bus call to each back-end), and
+    its answer a round trip on the link.  Never more than the whole handshake,
+    which is the estimate when the destination does not say (an older one)."""
+    setup = ready_setup_seconds(ready)
+    return handshake if setup is None else min(handshake, setup + conn.round_trip())
 
 
 async def _answer(conn: Connection, reader: MessageReader, writer: list[WireWriter]) -> Message:
@@ -303,7 +324,9 @@ async def migrate(
         if on_connected is not None:
             on_connected(conn)
         reader = MessageReader()
-        await _handshake(conn, backends, reader)
+        began = time.monotonic()
+        ready = await _handshake(conn, backends, reader)
+        handover = _handover(conn, ready, time.monotonic() - began)
         made: list[WireWriter] = []
         answer = asyncio.ensure_future(_answer(conn, reader, made))
         watch: asyncio.Future[Any] = answer
@@ -312,7 +335,7 @@ async def migrate(
             helpers.append(asyncio.ensure_future(_relay(qemu.pre_switchover, switch_over)))
             watch = asyncio.ensure_future(_first_failure(answer, qemu.failed))
             helpers.append(watch)
-        writer = WireWriter(conn, answer, timeouts.ack)
+        writer = WireWriter(conn, answer, timeouts.ack, handover=handover)
         made.append(writer)
         summary = await save_live(
             bus, backends, writer, options, config, progress, on_status=on_status, on_switch_over=switched.append,

@@ -50,11 +50,16 @@ VFIO's PRECOPY_INFO; reference/state-migration-anchors.md §1 and §4):
    counters since the transfer began (1.0 until the adapter gives them: no
    credit for compression it has not seen).  In flight: what the back-end
    says it wrote (Check's ``stream_bytes``) minus what we received.
-3. **Expected downtime.**  ``max(sum(pending) / sum(rate), max(pending_i /
-   rate_i))``: stop-copy runs on all back-ends at once, so it lasts at least
-   as long as the shared channel needs for the total and as long as the
-   slowest back-end needs for its own part.  Nothing pending takes 0 s;
-   something pending at rate 0 takes forever.
+3. **Expected downtime.**  ``max((sum(pending) + queued) / sum(rate),
+   max(pending_i / rate_i)) + handover``: stop-copy runs on all back-ends at
+   once, so it lasts at least as long as the shared channel needs for the
+   total and as long as the slowest back-end needs for its own part.  The
+   adapter's :class:`Backlog` adds what the channel must deliver first (the
+   bytes ``queued`` on a migration's connection, which go before any
+   stop-copy byte) and the ``handover`` that follows the last byte (the
+   destination's commit and answer).  The queue costs nothing when the
+   back-ends, not the link, limit the rate: then the link keeps it empty.
+   Nothing pending takes 0 s; something pending at rate 0 takes forever.
 4. **Stall.**  A back-end that has had something pending, and from which
    no byte arrived, through every tick of the last ``stall_timeout`` seconds
    (default 10 s) => GiveUp naming it.  No Pending reply yet counts as
@@ -103,6 +108,7 @@ from dataclasses import dataclass
 from ..units import size
 from ._precopy_values import (
     AwaitStopCopy,
+    Backlog,
     BackendStatus,
     BackendSummary,
     Continue,
@@ -123,6 +129,7 @@ from ._precopy_values import (
 
 __all__ = [
     "AwaitStopCopy",
+    "Backlog",
     "BackendStatus",
     "BackendSummary",
     "Continue",
@@ -262,6 +269,7 @@ class PreCopyPlan:
         self._samples: deque[_Sample] = deque([_Sample(now, (0,) * len(names), (None,) * len(names))])
         self._switch: SwitchOver | None = None
         self._final: Finished | GiveUp | None = None
+        self._backlog = Backlog()
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -273,12 +281,14 @@ class PreCopyPlan:
 
     # -- inputs --
 
-    def tick(self, now: float, observations: Iterable[Observation]) -> Decision:
+    def tick(self, now: float, observations: Iterable[Observation], backlog: Backlog | None = None) -> Decision:
         """Take the latest figures of every back-end and decide.
 
         Args:
             now: the time of the figures.
             observations: one per back-end, every back-end, any order.
+            backlog: the destination's, if it has one (rule 3); None keeps
+                the last one given (none at first).
 
         Returns:
             Continue, SwitchOver (once), AwaitStopCopy, Finished or GiveUp.
@@ -293,7 +303,11 @@ class PreCopyPlan:
         if self._final is not None:
             return self._final
         self._check_observations(observations)
+        if backlog is not None and not isinstance(backlog, Backlog):
+            raise ValueError(f"backlog must be a Backlog, not {backlog!r}")
         self.now = now
+        if backlog is not None:
+            self._backlog = backlog
         for obs in observations:
             b = self._state[obs.backend]
             moved = obs.received > b.received
@@ -505,9 +519,9 @@ class PreCopyPlan:
         if rates is None or None in pending:
             return _Figures(rates, pending, None)
         known = [p for p in pending if p is not None]
-        total = _time_for(sum(known), sum(rates))
+        total = _time_for(sum(known) + self._backlog.queued, sum(rates))
         slowest = max(_time_for(p, r) for p, r in zip(known, rates, strict=True))
-        return _Figures(rates, pending, max(total, slowest))
+        return _Figures(rates, pending, max(total, slowest) + self._backlog.handover)
 
     def _window(self) -> tuple[_Sample, _Sample] | None:
         first, last = self._samples[0], self._samples[-1]
@@ -601,6 +615,15 @@ class PreCopyPlan:
         )
 
     def _give_up_not_converging(self, now: float, figures: _Figures, rounds: int) -> GiveUp:
+        if self._backlog.handover >= self.config.downtime_limit:
+            return self._give_up(
+                now, GiveUpReason.NOT_CONVERGING,
+                f"the handover alone (the destination's commit and answer after the last byte) is expected to "
+                f"take {_duration(self._backlog.handover)}, over the {_duration(self.config.downtime_limit)} "
+                "downtime limit, whatever the back-ends send. Raise the downtime limit, see why the destination's "
+                "bus calls are slow, or force the switch-over to accept the longer downtime",
+                (), figures,
+            )
         times = {
             b.name: _time_for(p, r)
             for b, p, r in zip(self._state.values(), figures.pending, figures.rates, strict=True)
@@ -618,7 +641,8 @@ class PreCopyPlan:
             now, GiveUpReason.NOT_CONVERGING,
             f"the back-ends' state changes faster than it can be sent: after {rounds} rounds, "
             f"{_size(figures.pending_total)} is still pending ({shares}{more}); {changes} while "
-            f"{_rate(figures.rate)} gets through, so stop-copy {_would_take(figures.expected_downtime)}, "
+            f"{_rate(figures.rate)} gets through, so stop-copy {_would_take(figures.expected_downtime)}"
+            f"{self._with_backlog()}, "
             f"over the {_duration(self.config.downtime_limit)} "
             "downtime limit. Raise the downtime limit, give the migration more bandwidth or lighten the "
             "back-ends' load, or force the switch-over to accept the longer downtime",
@@ -638,7 +662,7 @@ class PreCopyPlan:
         else:
             why = (
                 f"stop-copy {_would_take(figures.expected_downtime)} "
-                f"({_size(figures.pending_total)} pending at {_rate(figures.rate)}), over the "
+                f"({_size(figures.pending_total)} pending at {_rate(figures.rate)}{self._with_backlog()}), over the "
                 f"{_duration(self.config.downtime_limit)} limit after {self._rule_rounds(figures)} of "
                 f"{self.config.max_rounds} rounds"
             )
@@ -657,6 +681,15 @@ class PreCopyPlan:
             "Raise the timeout, or the downtime limit, or give the migration more bandwidth",
             blamed, figures,
         )
+
+    def _with_backlog(self) -> str:
+        """What rule 3 added for the destination, for a message ("" if nothing)."""
+        parts = []
+        if self._backlog.queued:
+            parts.append(f"{_size(self._backlog.queued)} queued on the link")
+        if self._backlog.handover:
+            parts.append(f"a handover of {_duration(self._backlog.handover)}")
+        return f", with {' and '.join(parts)}" if parts else ""
 
     # -- plumbing --
 

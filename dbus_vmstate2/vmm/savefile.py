@@ -30,6 +30,7 @@ from typing import Protocol
 
 from ..errors import Cancelled, Corrupt, Malformed, StreamError, Truncated
 from ..stream import NEED_DATA, StreamDecoder, StreamEnd, StreamHeader
+from ._precopy_values import Backlog
 from ..stream.container import (
     FILE_HEADER_SIZE,
     FOOTER_SIZE,
@@ -112,7 +113,9 @@ class ContainerSink(Protocol):
     """Where a save puts its container: :class:`SaveFileWriter`, or a
     migration's connection (:class:`~.migrate.WireWriter`).  ``write`` may be
     called from several threads; ``commit`` runs in a worker thread and
-    ``abandon`` (from the event loop's thread) makes it stop early."""
+    ``abandon`` (from the event loop's thread) makes it stop early;
+    ``backlog`` (from the event loop's thread) says what remains to do after
+    the back-ends' last byte, for the live save's plan."""
 
     def open_stream(self, expected_id: str | None = None) -> int: ...
     def write(self, stream: int, data: Buffer) -> None: ...
@@ -120,6 +123,7 @@ class ContainerSink(Protocol):
     def commit(self) -> None: ...
     def abandon(self) -> None: ...
     def abort(self) -> None: ...
+    def backlog(self) -> Backlog: ...
 
 
 class SaveFileWriter:
@@ -213,6 +217,11 @@ class SaveFileWriter:
             except BaseException:
                 self.abort()
                 raise
+
+    def backlog(self) -> Backlog:
+        """None: what is written is in the page cache at once, and the
+        commit's fsync is not downtime (the back-ends' ends are)."""
+        return Backlog()
 
     def abandon(self) -> None:
         """Make a :meth:`commit` running in another thread stop before it

@@ -22,11 +22,14 @@ destination's certificate names the host it connects to (or
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 import ssl
 import stat
+import struct
 import sys
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +161,33 @@ class Connection:
                 ) from None
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
 
+    def unsent(self) -> int:
+        """Bytes sent that have not reached the peer, as far as this end can
+        see: our buffer and, on TCP, every byte not yet acknowledged (in the
+        kernel's send queue, a traffic shaper's queue, or on the wire).  On
+        the loop's thread."""
+        transport = self.writer.transport
+        unsent = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                unsent += _ioctl_int(sock.fileno(), termios.TIOCOUTQ)  # SIOCOUTQ: written, not yet acknowledged
+            except (OSError, ValueError):  # closed meanwhile
+                pass
+        return unsent
+
+    def round_trip(self) -> float:
+        """The link's round-trip time as TCP measures it (its smoothed RTT),
+        in seconds; 0 on a local socket, or where TCP cannot tell."""
+        sock = self.writer.transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return 0.0
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_RTT + 4)
+        except (OSError, ValueError):
+            return 0.0
+        return struct.unpack_from("I", info, _TCP_INFO_RTT)[0] / 1e6
+
     def queue_from_thread(self, data: bytes | bytearray | memoryview) -> None:
         """:meth:`queue` from a worker thread: pieces queued this way go out
         in the order of the calls (the loop runs its callbacks in order)."""
@@ -217,6 +247,15 @@ class Connection:
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+
+
+_TCP_INFO_RTT = 68
+"""Offset of ``tcpi_rtt`` (microseconds) in Linux's ``struct tcp_info``:
+eight one-byte fields, then fifteen 32-bit ones before it."""
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
 
 
 def _reason(exc: BaseException) -> str:

@@ -34,7 +34,9 @@ class Kind(enum.IntEnum):
     HELLO = 1
     """Source -> destination, first: ``{"backends": [Id, ...]}`` in stream-number order."""
     READY = 2
-    """Destination -> source: every back-end is there and loading; send the container."""
+    """Destination -> source: every back-end is there and loading; send the container.
+    ``{"backends": [Id, ...], "setup_seconds": s}``: ``s``, optional, is how long the
+    destination took from HELLO to READY (the source's estimate of its commit)."""
     REFUSED = 3
     """Destination -> source, instead of READY: ``{"error": ..., "message": ...}``; nothing started."""
     COMMITTED = 4
@@ -124,6 +126,15 @@ class MessageReader:
         if self._eof:
             raise Truncated(f"the connection ended in the middle of a message ({len(self._buf)} bytes of it)")
         return NEED_DATA
+
+
+def ready_setup_seconds(message: Message) -> float | None:
+    """The destination's time from HELLO to READY, if its READY says (a
+    number of seconds >= 0); None otherwise (an older destination)."""
+    value = message.body.get("setup_seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        return None
+    return float(value)
 
 
 def hello_backends(message: Message) -> list[str]:
