@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +31,7 @@ from dbus_vmstate2.errors import (
     Truncated,
     UnsupportedVersion,
 )
-from dbus_vmstate2.stream import NEED_DATA, Compression, RecordType, StreamDecoder, decode_stream, encode_stream
+from dbus_vmstate2.stream import NEED_DATA, Compression, RecordType, StreamDecoder, _format, decode_stream, encode_stream
 from dbus_vmstate2.stream._format import pack_header, pack_record, pack_trailer_fields, zstd_check
 
 # docs/stream-format.md §8: the same vectors, byte for byte.
@@ -581,3 +583,19 @@ def test_a_saved_file_cut_into_one_byte_segments_costs_no_more_memory_than_its_r
         finally:
             tracemalloc.stop()
     assert peak < 3 * len(record), f"peak {peak >> 10} KiB for a {len(record) >> 10} KiB record"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=70_000), st.integers(0, 64), st.integers(0, 2**32 - 1))
+def test_the_crc_is_zlibs_on_bytes_and_views(data, skip, start):
+    view = memoryview(data)[skip:]
+    assert _format.crc32(data) == zlib.crc32(data)
+    assert _format.crc32(view) == zlib.crc32(view)
+    assert _format._crc32(view, start) == zlib.crc32(view, start)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="isal is installed only where it has wheels")
+def test_the_fast_crc_is_the_one_in_use_where_it_is_installed():
+    from isal import isal_zlib  # not importable elsewhere
+
+    assert _format._crc32 is isal_zlib.crc32

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
+
+try:
+    # ISA-L's CRC-32 (carry-less multiplication): the same function as
+    # zlib's, four times as fast here (0.09 against 0.36 ms per MiB), and like
+    # it, it lets other threads run.  Every uncompressed payload is checked
+    # with it, as is VMState1's inline blob inside QEMU's downtime.
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # a platform without its wheel: zlib's
+    from zlib import crc32 as _crc32
 
 from ..errors import BadMagic, Corrupt, Malformed, StreamLimitExceeded, UnsupportedVersion
 
@@ -78,7 +86,7 @@ class RecordType(enum.IntEnum):
 
 def crc32(data: bytes | memoryview) -> int:
     """CRC-32 (ISO-HDLC, as zlib) of ``data``."""
-    return zlib.crc32(data)
+    return _crc32(data)
 
 
 ZSTD_HEADER_MAX = 18
@@ -92,7 +100,7 @@ def zstd_check(frame: bytes | memoryview) -> int:
     4 bytes); this CRC covers that checksum and the frame header fields zstd
     might not notice a flip in (the unused descriptor bit, the window size).
     """
-    return zlib.crc32(frame[-4:], zlib.crc32(frame[:ZSTD_HEADER_MAX]))
+    return _crc32(frame[-4:], _crc32(frame[:ZSTD_HEADER_MAX]))
 
 
 ZSTD_DESCRIPTOR_MUST = 0x04
