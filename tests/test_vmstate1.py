@@ -12,12 +12,13 @@ import pytest
 
 from dbus_vmstate2.backend import Backend, InlineMode, ThreadedBackend, inline_capacity
 from dbus_vmstate2.backend.inline import SAMPLE_SIZE, SAMPLES, decode_inline, encode_inline, worth_compressing
+from dbus_vmstate2.bus import open_bus
 from dbus_vmstate2.errors import BackendFailed, ErrorName, IdMismatch, LimitExceeded, StreamError
 from dbus_vmstate2.examples.memstate import deterministic_state
-from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT
+from dbus_vmstate2.names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2
 from dbus_vmstate2.stream import Compression, encode_stream
 from dbus_vmstate2.vmm import list_backends
-from dbus_vmstate2.vmm.calls import BUS_NAME, call
+from dbus_vmstate2.vmm.calls import BUS_NAME, PROPERTIES, call
 from dbus_vmstate2.vmm.vmstate1 import load_inline, save_inline
 
 from .introspection import described_from_busctl, described_from_xml, members_from_busctl, members_from_xml
@@ -349,3 +350,31 @@ def test_blobs_compressed_before_the_sample_still_load():
 def test_a_legacy_blob_of_one_bytes_record_is_that_record():
     state = bytes(deterministic_state(1000, 1))
     assert encode_inline("l", [state], mode=InlineMode.LEGACY) is state
+
+
+async def test_a_query_while_a_large_reply_goes_out_leaves_the_backend_on_its_bus(bus_address, client, memstate):
+    """dbus-fast drops a connection whose socket is full as it sends
+    (dbus_vmstate2/bus.py): a back-end that answered a status query while its
+    1 MiB VMState1 Save reply was still going out lost its bus."""
+    backend = memstate("fs", "--size", str(VMSTATE1_SIZE_LIMIT - 4096))
+    other = await open_bus(bus_address)
+    [info] = await list_backends(client)
+    saving = True
+
+    async def query() -> int:
+        asked = 0
+        while saving:
+            await call(other, backend.unique_name, PROPERTIES, "Get", "ss", [VMSTATE2, "State"])
+            asked += 1
+        return asked
+
+    querying = asyncio.ensure_future(query())
+    try:
+        for _ in range(150):
+            assert len(await save_inline(client, info)) > VMSTATE1_SIZE_LIMIT - 4096
+    finally:
+        saving = False
+        asked = await querying
+        other.disconnect()
+        await other.wait_for_disconnect()
+    assert asked > 100 and backend.process.poll() is None

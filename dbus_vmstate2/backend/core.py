@@ -29,9 +29,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, Variant
+from dbus_fast import DBusError, Message, MessageType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
+from ..bus import open_bus
 from ..errors import BackendFailed, InvalidState, Unsupported, VMStateError
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
 from ..states import Effect, Event, Machine, State, Step, Transfer
@@ -203,11 +204,7 @@ class Backend:
         return f"back-end {self.id!r} is {name or 'not on the bus'}, {self.state.value}"
 
     async def _register(self) -> MessageBus:
-        if self._address is None:
-            bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
-        else:
-            bus = MessageBus(bus_address=self._address, negotiate_unix_fd=True)
-        await bus.connect()
+        bus = await open_bus(self._address)
         try:
             gate = CallerGate(bus, OBJECT_PATH, {VMSTATE1, VMSTATE2}, self.allowed_uids)
             gate.watch_members(GUARDED_MEMBERS)

@@ -17,9 +17,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dbus_fast import AuthError, BusType, InvalidAddressError, Variant
+from dbus_fast import AuthError, InvalidAddressError, Variant
 from dbus_fast.aio import MessageBus
 
+from ..bus import open_bus
 from ..errors import DiscoveryError, VMStateError
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE2
 from .calls import BUS_NAME, PROPERTIES, call
@@ -46,11 +47,7 @@ async def connect(address: str | None) -> MessageBus:
     """
     where = address or "the session bus"
     try:
-        if address is None:
-            bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
-        else:
-            bus = MessageBus(bus_address=address, negotiate_unix_fd=True)
-        return await bus.connect()
+        return await open_bus(address)
     except (OSError, EOFError, ValueError, InvalidAddressError, AuthError) as exc:
         raise ConnectionError(f"cannot use {where}: {exc or type(exc).__name__}") from exc
 
