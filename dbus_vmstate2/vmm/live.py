@@ -56,7 +56,7 @@ from .precopy import (
 )
 from .savefile import ContainerSink, SaveFileWriter, save_target
 from .pump import CLOSE_TIMEOUT, StreamPump, Throttle
-from .transfers import Operation, Progress, in_thread, labelled, wait_regardless, watch_outcome
+from .transfers import Operation, Progress, in_thread, labelled, reported_failure, wait_regardless, watch_outcome
 
 TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
@@ -209,6 +209,15 @@ async def _start(
             await in_thread(pump.run, stop=pump.stop)
             writer.close_stream(stream)
         except StreamError as exc:
+            # As in a one-shot save: a stream cut short because the back-end
+            # ended its transfer is explained by its outcome if that comes
+            # soon (cancelled, or the bus daemon gone: a back-end ends its
+            # transfers when it loses the bus, and "does not verify" would
+            # blame it for the bus's death).
+            try:
+                await reported_failure(watched)
+            except VMStateError as reported:
+                raise labelled(backend, reported) from exc
             raise labelled(backend, BackendFailed(f"its stream does not verify: {type(exc).__name__}: {exc}")) from exc
         except (LinkFailed, PeerRefused):
             raise  # the connection's, not this back-end's
