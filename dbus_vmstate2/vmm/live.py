@@ -83,6 +83,7 @@ class _Source:
     def __init__(self, backend: BackendInfo) -> None:
         self.backend = backend
         self.number: int | None = None
+        self.streamer: StreamPump | None = None
         self.pump: asyncio.Task[None] | None = None
         self.outcome: asyncio.Task[Any] | None = None
         self.counters: Counters | None = None
@@ -191,6 +192,7 @@ async def _start(
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     pump = make_pump(read_end, stream)
+    source.streamer = pump
     try:
         enlarge_pipe(read_end)
         source.number = await operation.start(backend, "SavePreCopy", write_end, options)
@@ -315,8 +317,13 @@ async def _observe(bus: MessageBus, source: _Source, initial: _InitialSignals, p
                 pending = PendingReply(*await call(bus, backend.unique_name, VMSTATE2, "Pending"))
     except VMStateError:
         pass  # its outcome (TransferFinished) will say what happened
+    # A pump waiting for a migration's link to take what it read: the plan
+    # must not count that as the back-end's stall (the link's I/O timeout
+    # is the one to fire, and it names the link).
+    held = source.streamer is not None and source.streamer.held
     return Observation(
-        backend.id, received, pending, initial_data_sent=backend.unique_name in initial.senders, written=source.counters
+        backend.id, received, pending, initial_data_sent=backend.unique_name in initial.senders, written=source.counters,
+        held=held,
     )
 
 
