@@ -271,6 +271,12 @@ async def _drive(
                 source.backend.id, now, received=progress.done.get(source.backend.id, 0), counters=source.counters
             )
         observations = [await _observe(bus, s, initial, progress) for s in sources]
+        # A back-end's own failure that came while we asked (its
+        # TransferFinished) says more than what the plan would infer from its
+        # silence: after this helper was stopped, say, its back-ends ended
+        # their transfers because nothing read them, and the plan would call
+        # them stuck.
+        _raise_failures(sources)
         if switch_over is not None and switch_over.is_set() and not switched:
             decision = plan.switch_over_now(time.monotonic())
         else:
