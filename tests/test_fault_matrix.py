@@ -1,6 +1,7 @@
 """The rest of the fault matrix (tests/test_faults.py has the disk and the
-back-end): the bus daemon and the VMM helper killed, or stopped and
-continued, in the middle of a save and of a load.
+back-end; tests/test_migrate*.py a migration's back-end, destination, link
+and signals): the bus daemon and the VMM helper killed, or stopped and
+continued, in the middle of a save, of a load and of a migration.
 
 What a user gets:
 
@@ -18,7 +19,27 @@ What a user gets:
   its transfer itself, keeping its state, and the command fails with the
   back-end's reason;
 * the helper killed: the back-ends see their pipe break and serve on; a
-  save leaves no file at all (it writes an unnamed file until its rename).
+  save leaves no file at all (it writes an unnamed file until its rename);
+* in a migration (each side with its own bus), nothing is lost before
+  the destination acknowledged: every source back-end keeps its state, and
+  serves on if its bus lives; the destination applies nothing:
+
+  - the source's bus daemon killed, in pre-copy or stop-copy: ``migrate``
+    fails within seconds with one line saying the bus went away (exit 1);
+    the source's back-ends end their transfers keeping their state (one in
+    stop-copy serves again: its transfer failed) and leave, as above;
+    ``incoming`` sees its source leave before the end of the container
+    (exit 4);
+  - the destination's bus daemon killed: ``incoming`` says the bus went
+    away (exit 1), its back-ends drop their loads and leave; ``migrate``
+    fails with that message (exit 4) and its back-ends serve on;
+  - either bus daemon stopped, then continued: the migration completes with
+    the state the source had at quiesce (no data goes through a bus);
+  - either helper stopped, then continued: within its peer's and its
+    back-ends' timeouts it completes; beyond them, the other helper gives
+    up on its I/O timeout naming the link (exit 4), the stopped helper's
+    back-ends end their transfers on their stall timeout, and the helper,
+    continued, fails in one line.
 
 After each: no zombie, no fd leaked by a back-end that lives on.
 """
@@ -34,6 +55,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,6 +66,10 @@ from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.privatebus import PrivateBus
 
 from .conftest import ROOT, BackendProcess, count_fds, start_memstate
+from .migration import reap_commands  # noqa: F401 (the fixture)
+from .migration import Incoming, run, start
+from .test_live_save import events
+from .test_migrate import assert_moved, assert_source_serves_on, pair
 from .test_vmm import backend_state, temp_files, wait_for
 
 pytestmark = pytest.mark.slow
@@ -66,8 +92,8 @@ def bus() -> Iterator[PrivateBus]:
 def backends(bus) -> Iterator[Callable[..., BackendProcess]]:
     started: list[BackendProcess] = []
 
-    def spawn(backend_id: str, *args: str) -> BackendProcess:
-        started.append(start_memstate(bus.address, backend_id, *args))
+    def spawn(backend_id: str, *args: str, address: str | None = None) -> BackendProcess:
+        started.append(start_memstate(address or bus.address, backend_id, *args))
         return started[-1]
 
     yield spawn
@@ -143,7 +169,8 @@ def test_the_bus_killed_in_mid_save(bus, backends, tmp_path, how, busy):
     os.kill(bus.pid, signal.SIGKILL)
     code, err = finish(saver, 60)
     assert code == 1 and "Traceback" not in err, err
-    assert "bus" in err and len(err.splitlines()) == 1, err
+    # (Not just "bus": the command's own name has it.)
+    assert "the bus daemon went away" in err and len(err.splitlines()) == 1, err
     assert time.monotonic() - started < 30
     assert not image.exists() and not temp_files(tmp_path)
     # Each back-end ends its transfer and, with no bus to serve, leaves cleanly.
@@ -315,3 +342,224 @@ def test_the_helper_killed_in_mid_save_leaves_no_file(bus, backends, tmp_path, c
     assert main(["save", str(image), "--address", bus.address]) == 0
     assert saved_sizes(image, capsys) == {"big": BIG}
     no_zombies(big.process.pid)
+
+
+# the migration ----------------------------------------------------------------------
+
+MIGRATE = ["--max-bandwidth", "16M"]
+"""A pre-copy of 2 to 3 s for the pair's 34 MiB (changing at 2 MiB/s): time to hit it."""
+TIMEOUTS = ["--io-timeout", "3", "--stall-timeout", "3"]
+"""For either helper: the link, or a back-end, that moves nothing for 3 s fails it."""
+BACKEND_STALL = ("--stall-timeout", "3")
+"""A back-end ends a transfer whose other end moves nothing for 3 s."""
+LINK_ERROR = r"the (link|connection) (to|from) unix:\S+ .*(took nothing for 3 s|ended|was lost)|nothing came from unix:\S+ .*for 3 s"
+"""How a helper names a link that failed, or that its peer closed."""
+
+
+@pytest.fixture
+def dest_bus() -> Iterator[PrivateBus]:
+    with PrivateBus() as private:
+        yield private
+
+
+@dataclass
+class Migration:
+    """A migration under way: pair()'s back-ends, ``incoming`` and ``migrate``."""
+
+    reports: dict[str, tuple[Path, Path]]
+    """Each back-end's report files at the source and at the destination."""
+    source: dict[str, BackendProcess]
+    dest: dict[str, BackendProcess]
+    fds: dict[int, int]
+    """Each back-end's open fds (by pid) before the migration."""
+    incoming: Incoming
+    migrating: subprocess.Popen[str]
+    directory: Path
+    """Where the reports and incoming's socket are."""
+
+    def backends(self) -> list[BackendProcess]:
+        return [*self.source.values(), *self.dest.values()]
+
+    def assert_nothing_left(self) -> None:
+        """Only the reports remain (incoming's socket is gone)."""
+        assert {p.name for p in self.directory.iterdir()} <= {"fs.src", "fs.dst", "net.src", "net.dst"}
+
+
+def start_migration(backends, bus: PrivateBus, dest_bus: PrivateBus, tmp_path: Path, *args: str,
+                    source_args: tuple[str, ...] = (), dest_args: tuple[str, ...] = (),
+                    incoming_args: tuple[str, ...] = ()) -> Migration:  # fmt: skip
+    """Start migrating pair()'s back-ends (each side's given its ``*_args``
+    too) over a unix socket, ``migrate`` with ``args``; return once the source
+    is in pre-copy."""
+    source: dict[str, BackendProcess] = {}
+    dest: dict[str, BackendProcess] = {}
+
+    def spawn(backend_id: str, *spawn_args: str, address: str | None = None) -> BackendProcess:
+        side, more = (source, source_args) if address is None else (dest, dest_args)
+        side[backend_id] = backends(backend_id, *spawn_args, *more, address=address)
+        return side[backend_id]
+
+    reports = pair(spawn, bus.address, dest_bus.address, tmp_path, size="32M")
+    fds = {b.process.pid: count_fds(b.process.pid) for b in (*source.values(), *dest.values())}
+    incoming = Incoming(dest_bus.address, f"unix:{tmp_path / 'mig.sock'}", *incoming_args)
+    migrating = start(bus.address, "migrate", incoming.address, *MIGRATE, *args)
+    wait_for(lambda: backend_state(bus.address, source["fs"]) == "pre-copy", "the pre-copy")
+    return Migration(reports, source, dest, fds, incoming, migrating, tmp_path)
+
+
+def one_line(code: int, err: str, expected: int | tuple[int, ...]) -> None:
+    """The command failed with ``expected`` and said why in one line."""
+    assert code in (expected if isinstance(expected, tuple) else (expected,)), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def assert_failed_cleanly(bus: PrivateBus, dest_bus: PrivateBus, m: Migration) -> None:
+    """The source serves on with the state it had (never quiesced), the
+    destination as it was (nothing loaded), no back-end leaked an fd and no
+    file is left."""
+    m.assert_nothing_left()
+    assert_source_serves_on(bus.address, m.reports)
+    for backend_id, (src, _) in m.reports.items():
+        assert events(src, "quiesced") == [], backend_id
+    for backend in m.dest.values():
+        assert backend_state(dest_bus.address, backend) == "running"
+    assert_no_fd_leaked(m, m.backends())
+
+
+def assert_no_fd_leaked(m: Migration, backends: list[BackendProcess]) -> None:
+    for backend in backends:
+        pid = backend.process.pid
+        wait_for(lambda: count_fds(pid) == m.fds[pid], "the back-end's fds to be closed", timeout=10)
+
+
+@pytest.mark.parametrize("phase", ["pre-copy", "stop-copy"])
+def test_the_source_bus_killed_in_mid_migration(bus, dest_bus, backends, tmp_path, phase):
+    """migrate says the bus went away; the source's back-ends end their
+    transfers, keeping their state (in stop-copy too: the transfer failed,
+    so the daemon serves again), and leave, as memstate does once its bus is
+    gone; the destination sees its source leave before the end of the
+    container and applies nothing."""
+    m = start_migration(backends, bus, dest_bus, tmp_path)
+    if phase == "stop-copy":
+        m.migrating.send_signal(signal.SIGUSR1)  # switch over now: the rest takes 2 s at this bandwidth
+        wait_for(lambda: events(m.reports["fs"][0], "quiesced"), "the stop-copy to quiesce the back-end")
+    started = time.monotonic()
+    os.kill(bus.pid, signal.SIGKILL)
+    code, err = finish(m.migrating, 60)
+    one_line(code, err, 1)
+    assert "the bus daemon went away" in err, err
+    assert time.monotonic() - started < 30
+    code, err = finish(m.incoming.process, 30)
+    one_line(code, err, 4)
+    assert "before the end of the container: the source gave up or was killed" in err, err
+    # Each source back-end ends its transfer (one in stop-copy resumes its
+    # daemon: the transfer failed) and leaves; its state was never sent whole.
+    for backend in m.source.values():
+        assert backend.process.wait(timeout=30) == 0
+    assert len(events(m.reports["fs"][0], "quiesced")) == (1 if phase == "stop-copy" else 0)
+    for backend_id, backend in m.dest.items():
+        assert backend_state(dest_bus.address, backend) == "running"
+        assert events(m.reports[backend_id][1], "loaded") == []
+    assert_no_fd_leaked(m, list(m.dest.values()))
+    m.assert_nothing_left()
+    bus.stop()  # reaps the daemon we killed
+    no_zombies(*(b.process.pid for b in m.dest.values()))
+
+
+def test_the_destination_bus_killed_in_mid_migration(bus, dest_bus, backends, tmp_path):
+    """The destination's back-ends drop their loads and leave; incoming
+    says the bus went away and tells the source, which resumes its
+    back-ends: they serve on with the state they had."""
+    m = start_migration(backends, bus, dest_bus, tmp_path)
+    started = time.monotonic()
+    os.kill(dest_bus.pid, signal.SIGKILL)
+    code, err = finish(m.incoming.process, 60)
+    one_line(code, err, 1)
+    assert "the bus daemon went away" in err, err
+    code, err = finish(m.migrating, 30)
+    one_line(code, err, 4)
+    assert re.search(r"the destination \(unix:\S+\) failed: .*the bus daemon went away.*; nothing was applied", err), err
+    assert time.monotonic() - started < 30
+    for backend_id, backend in m.dest.items():
+        assert backend.process.wait(timeout=30) == 0
+        assert events(m.reports[backend_id][1], "loaded") == []
+    assert_source_serves_on(bus.address, m.reports)
+    for backend_id, (src, _) in m.reports.items():
+        assert events(src, "quiesced") == [], backend_id
+    assert_no_fd_leaked(m, list(m.source.values()))
+    m.assert_nothing_left()
+    dest_bus.stop()
+    no_zombies(*(b.process.pid for b in m.source.values()))
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_bus_stopped_then_continued_in_mid_migration(bus, dest_bus, backends, tmp_path, side):
+    """No data goes through a bus: the migration waits for its calls and
+    completes, with the state the source had at quiesce."""
+    m = start_migration(backends, bus, dest_bus, tmp_path)
+    stopped_for((bus if side == "source" else dest_bus).pid, 2)
+    code, err = finish(m.migrating, 60)
+    assert code == 0, err
+    code, err = finish(m.incoming.process, 30)
+    assert code == 0, err
+    assert_moved(m.reports)
+    states = [b["state"] for b in json.loads(run(bus.address, "status", "--json").stdout)]
+    assert states == ["stopped", "stopped"]  # the handover is done
+    assert [b["state"] for b in json.loads(run(dest_bus.address, "status", "--json").stdout)] == ["running", "running"]
+    assert_no_fd_leaked(m, m.backends())
+    no_zombies(*(b.process.pid for b in m.backends()))
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_helper_stopped_briefly_in_mid_migration(bus, dest_bus, backends, tmp_path, side):
+    """Stopped for 1 s, less than every timeout (3 s here): it completes."""
+    m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, source_args=BACKEND_STALL,
+                        dest_args=BACKEND_STALL, incoming_args=tuple(TIMEOUTS))  # fmt: skip
+    stopped_for((m.migrating if side == "source" else m.incoming.process).pid, 1)
+    code, err = finish(m.migrating, 60)
+    assert code == 0, err
+    code, err = finish(m.incoming.process, 30)
+    assert code == 0, err
+    assert_moved(m.reports)
+    assert_no_fd_leaked(m, m.backends())
+    no_zombies(*(b.process.pid for b in m.backends()))
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_helper_stopped_for_longer_than_the_timeouts_in_mid_migration(bus, dest_bus, backends, tmp_path, side):
+    """Everyone waiting for the stopped helper gives up within its timeout
+    (3 s here), as the failure table of docs/migration.md says: the other
+    helper through its I/O timeout, naming the link; the stopped helper's
+    back-ends through their stall timeout.  Continued, the helper finds its
+    work ended, fails in one line and leaves nothing behind.  (The other
+    helper's back-ends keep the default stall timeout: it is the link that
+    the other helper must find stuck, not its own back-ends.)"""
+    stall = {"source_args" if side == "source" else "dest_args": BACKEND_STALL}
+    m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, incoming_args=tuple(TIMEOUTS), **stall)
+    if side == "source":
+        stopped, waiting, own = m.migrating, m.incoming.process, m.source
+        gives_up = r"nothing came from unix:\S+ \(from a local process\) for 3 s \(the I/O timeout\)"
+        own_reason = r"back-end '(fs|net)': nothing was read on the other end for 3 s"
+    else:
+        stopped, waiting, own = m.incoming.process, m.migrating, m.dest
+        gives_up = r"the link to unix:\S+ took nothing for 3 s \(the I/O timeout\)"
+        own_reason = r"back-end '(fs|net)': nothing was written on the other end for 3 s"
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        code, err = finish(waiting, 30)
+        one_line(code, err, 4)
+        assert re.search(gives_up, err), err
+        assert time.monotonic() - started < 15
+        for backend in own.values():
+            wait_for(lambda: backend_state(bus.address if own is m.source else dest_bus.address, backend) == "running",
+                     "the stopped helper's back-ends to end their transfers", timeout=15)  # fmt: skip
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    code, err = finish(stopped, 30)
+    # It wakes to both its back-ends' ended transfers and its peer gone:
+    # either is a true account, and which it sees first is the scheduler's.
+    one_line(code, err, (1, 4))
+    assert re.search(own_reason if code == 1 else LINK_ERROR, err), err
+    assert_failed_cleanly(bus, dest_bus, m)
+    no_zombies(*(b.process.pid for b in m.backends()))

@@ -1,17 +1,20 @@
 """The migration against hostile or broken peers and faults: a source that
 goes silent in the middle of its first message, a second peer that connects
-while the first is served, a source back-end killed in mid-migration.  Each
-fails within its stated timeout, nothing is applied, and every back-end that
-lives serves on."""
+while the first is served, a peer that takes nothing, a source back-end
+killed in mid-migration.  Each fails within its stated timeout, with its
+true reason, nothing is applied, and every back-end that lives serves on."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
 import pytest
 
+from dbus_vmstate2.errors import LinkFailed
 from dbus_vmstate2.privatebus import PrivateBus
+from dbus_vmstate2.vmm.transport import Connection
 from dbus_vmstate2.vmm.wire import Kind, Message, encode
 
 from .migration import reap_commands  # noqa: F401 (the fixture)
@@ -51,6 +54,24 @@ def test_a_silent_source_and_a_second_peer_fail_only_the_destination_within_its_
     assert second.returncode == 4 and "cannot connect to unix:" in second.stderr, second.stderr
     assert backend_state(dest_bus, dest) == "running" and events(report, "loaded") == []
     assert run(bus_address, "status", "--json").returncode == 0
+
+
+async def test_a_connection_dropped_after_a_send_timed_out_is_not_the_peer_leaving():
+    """A send that takes nothing for the I/O timeout drops the connection; a
+    wait for the peer's answer on it then fails with that reason, not as if
+    the peer had closed (it may only be stopped: SIGSTOP, a full disk)."""
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    conn = Connection(reader, writer, "unix:peer", io_timeout=0.2)
+    answer = asyncio.ensure_future(conn.recv(100, None))
+    try:
+        with pytest.raises(LinkFailed, match=r"took nothing for 0.2 s"):
+            await conn.send(b"x" * (8 << 20))  # the peer reads nothing
+        with pytest.raises(LinkFailed, match=r"^the link to unix:peer took nothing for 0.2 s \(the I/O timeout\)"):
+            await answer
+    finally:
+        await conn.close()
+        theirs.close()
 
 
 @pytest.mark.slow

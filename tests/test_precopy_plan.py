@@ -15,7 +15,7 @@ import math
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import event, given, settings
@@ -469,6 +469,18 @@ def test_a_stalled_backend_is_named_after_stall_timeout():
     assert t == pytest.approx(2.5)
     assert d.reason is GiveUpReason.STALLED and d.backends == ("stuck",)
     assert "back-end 'stuck' sent no data for 2 s while it has 1.0 MiB left to send" in d.message
+
+
+def test_a_backend_held_up_by_the_adapter_is_not_stalled():
+    """Its pump waits for the sink (a stuck link): the link's timeout is the
+    one to fire; once the hold ends, the stall clock starts again."""
+    plan = PreCopyPlan(["a"], 0.0, PreCopyConfig(stall_timeout=1.0))
+    held = Observation("a", MiB, PendingReply(MiB, 0, 0, 0), held=True)
+    for i in range(1, 50):
+        assert isinstance(plan.tick(round(i * TICK, 6), [held]), Continue)
+    assert plan.next_deadline() == pytest.approx(5.9)
+    d = plan.tick(5.9, [replace(held, held=False)])
+    assert d.reason is GiveUpReason.STALLED and d.backends == ("a",)
 
 
 def test_a_backend_silent_with_nothing_pending_is_not_stalled():

@@ -70,6 +70,10 @@ class Observation:
     """Whether its InitialDataSent signal has arrived (once True, it stays so)."""
     written: Counters | None = None
     """The latest Check() counters, if the adapter asks for them (the last one given is kept)."""
+    held: bool = False
+    """Whether the adapter itself holds the back-end up: what it read waits for
+    the sink to take it (a migration's link that is slow or stuck), so no byte
+    arriving is not the back-end's stall."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:

@@ -56,7 +56,7 @@ from .precopy import (
 )
 from .savefile import ContainerSink, SaveFileWriter, save_target
 from .pump import CLOSE_TIMEOUT, StreamPump, Throttle
-from .transfers import Operation, Progress, in_thread, labelled, wait_regardless, watch_outcome
+from .transfers import Operation, Progress, in_thread, labelled, reported_failure, wait_regardless, watch_outcome
 
 TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
@@ -83,6 +83,7 @@ class _Source:
     def __init__(self, backend: BackendInfo) -> None:
         self.backend = backend
         self.number: int | None = None
+        self.streamer: StreamPump | None = None
         self.pump: asyncio.Task[None] | None = None
         self.outcome: asyncio.Task[Any] | None = None
         self.counters: Counters | None = None
@@ -191,6 +192,7 @@ async def _start(
     stream = writer.open_stream(backend.id)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     pump = make_pump(read_end, stream)
+    source.streamer = pump
     try:
         enlarge_pipe(read_end)
         source.number = await operation.start(backend, "SavePreCopy", write_end, options)
@@ -209,6 +211,15 @@ async def _start(
             await in_thread(pump.run, stop=pump.stop)
             writer.close_stream(stream)
         except StreamError as exc:
+            # As in a one-shot save: a stream cut short because the back-end
+            # ended its transfer is explained by its outcome if that comes
+            # soon (cancelled, or the bus daemon gone: a back-end ends its
+            # transfers when it loses the bus, and "does not verify" would
+            # blame it for the bus's death).
+            try:
+                await reported_failure(watched)
+            except VMStateError as reported:
+                raise labelled(backend, reported) from exc
             raise labelled(backend, BackendFailed(f"its stream does not verify: {type(exc).__name__}: {exc}")) from exc
         except (LinkFailed, PeerRefused):
             raise  # the connection's, not this back-end's
@@ -261,6 +272,12 @@ async def _drive(
                 source.backend.id, now, received=progress.done.get(source.backend.id, 0), counters=source.counters
             )
         observations = [await _observe(bus, s, initial, progress) for s in sources]
+        # A back-end's own failure that came while we asked (its
+        # TransferFinished) says more than what the plan would infer from its
+        # silence: after this helper was stopped, say, its back-ends ended
+        # their transfers because nothing read them, and the plan would call
+        # them stuck.
+        _raise_failures(sources)
         if switch_over is not None and switch_over.is_set() and not switched:
             decision = plan.switch_over_now(time.monotonic())
         else:
@@ -307,8 +324,13 @@ async def _observe(bus: MessageBus, source: _Source, initial: _InitialSignals, p
                 pending = PendingReply(*await call(bus, backend.unique_name, VMSTATE2, "Pending"))
     except VMStateError:
         pass  # its outcome (TransferFinished) will say what happened
+    # A pump waiting for a migration's link to take what it read: the plan
+    # must not count that as the back-end's stall (the link's I/O timeout
+    # is the one to fire, and it names the link).
+    held = source.streamer is not None and source.streamer.held
     return Observation(
-        backend.id, received, pending, initial_data_sent=backend.unique_name in initial.senders, written=source.counters
+        backend.id, received, pending, initial_data_sent=backend.unique_name in initial.senders, written=source.counters,
+        held=held,
     )
 
 

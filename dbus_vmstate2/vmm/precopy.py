@@ -64,7 +64,10 @@ VFIO's PRECOPY_INFO; reference/state-migration-anchors.md §1 and §4):
    no byte arrived, through every tick of the last ``stall_timeout`` seconds
    (default 10 s) => GiveUp naming it.  No Pending reply yet counts as
    pending; after the switch-over, every back-end whose stop-copy has not
-   ended has something pending.
+   ended has something pending.  A tick at which the adapter says it holds
+   the back-end up (``held``: what it read waits for the sink, a migration's
+   link) counts as moving: a stuck link is the link's to time out, and
+   blaming the back-ends for it would name the wrong party.
 5. **Converged.**  Every back-end has sent its initial data
    (``InitialDataSent`` seen, or ``initial_bytes == 0``), the rate is known
    and the expected downtime is within ``downtime_limit`` (default 300 ms,
@@ -173,7 +176,7 @@ class _Backend:
     initial_sent: bool = False
     written: Counters | None = None
     fine_at: float = 0.0
-    """The latest tick at which it was moving, or had nothing pending (rule 4)."""
+    """The latest tick at which it was moving, held up by the adapter, or had nothing pending (rule 4)."""
     ended: float | None = None
     """When its stop-copy ended."""
     most_rounds: int = 0
@@ -318,7 +321,7 @@ class PreCopyPlan:
             if obs.written is not None:
                 b.written = obs.written
             b.initial_sent = b.initial_sent or obs.initial_data_sent
-            if moved or not self._has_pending(b):
+            if moved or obs.held or not self._has_pending(b):
                 b.fine_at = now
         self._add_sample(now)
         if self._phase is Phase.PRE_COPY:

@@ -109,6 +109,10 @@ class StreamPump:
         self._failure: VMStateError | None = None
         self._trailer_at: float | None = None
         self._finished_at: float | None = None
+        self.held = False
+        """True while :meth:`run` waits for the writer to take a piece (a
+        migration's link that is slow or stuck): then the back-end is not
+        the one holding the stream up."""
 
     # -- from the event loop's thread --------------------------------------------
 
@@ -187,7 +191,12 @@ class StreamPump:
                 break
             self._last_data = time.monotonic()
             self._decode(view[:size])
-            self._writer.write(self._stream, view[:size])
+            self.held = True
+            try:
+                self._writer.write(self._stream, view[:size])
+            finally:
+                self.held = False
+                self._last_data = time.monotonic()  # the writer's time is not the back-end's silence
             total += size
             self._progress.done[self._backend_id] = total
             if self._throttle is not None:

@@ -424,7 +424,7 @@ async def _save_one(
                 # failure, not a bad file (exit 1, not 3).  If it can say why
                 # (it was cancelled, its save raised, a record was too
                 # large), that is the error to show.
-                await _reported_failure(outcome)
+                await reported_failure(outcome)
                 raise BackendFailed(f"its stream does not verify: {type(exc).__name__}: {exc}") from exc
             await outcome
         except VMStateError as exc:
@@ -453,7 +453,7 @@ def watch_outcome(signals: FinishedSignals, backend: BackendInfo, number: int, p
     return outcome
 
 
-async def _reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
+async def reported_failure(outcome: asyncio.Future[Outcome | None]) -> None:
     """Raise the back-end's own error from ``outcome``, if it reports one soon."""
     try:
         async with asyncio.timeout(5.0):

@@ -117,6 +117,7 @@ class Connection:
         self._process = process
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
+        self._dropped: LinkFailed | None = None
         self.sent = 0
         """Bytes sent so far."""
         try:
@@ -154,11 +155,12 @@ class Connection:
                 await self.writer.drain()
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout, not ETIMEDOUT
-                self.abort()
-                raise LinkFailed(
+                self._dropped = LinkFailed(
                     f"the link to {self.peer} took nothing for {self.io_timeout:g} s (the I/O timeout): "
                     "is it down, or the peer stuck?"
-                ) from None
+                )
+                self.abort()
+                raise self._dropped from None
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
 
     def unsent(self) -> int:
@@ -204,12 +206,13 @@ class Connection:
             timeout: seconds to wait (default ``io_timeout``; None: no bound).
 
         Raises:
-            LinkFailed: lost, or nothing came within the timeout.
+            LinkFailed: lost, nothing came within the timeout, or we dropped
+                the connection because a send timed out (that send's error).
         """
         timeout = self.io_timeout if timeout is not None and timeout < 0 else timeout
         try:
             async with asyncio.timeout(timeout):
-                return await self.reader.read(size)
+                data = await self.reader.read(size)
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout, not ETIMEDOUT
                 raise LinkFailed(
@@ -217,6 +220,12 @@ class Connection:
                     "or the peer stuck?"
                 ) from None
             raise LinkFailed(f"the connection to {self.peer} was lost: {_reason(exc)}") from exc
+        if not data and self._dropped is not None:
+            # The end of a connection we dropped because a send timed out: a
+            # wait for the peer's answer must say that, not that the peer
+            # left (it may only be stopped, or its link down).
+            raise LinkFailed(str(self._dropped))
+        return data
 
     def abort(self) -> None:
         """Drop the connection at once (on the loop's thread)."""
