@@ -15,7 +15,7 @@ import pytest
 from dbus_vmstate2.errors import LinkFailed
 from dbus_vmstate2.privatebus import PrivateBus
 from dbus_vmstate2.vmm.transport import Connection
-from dbus_vmstate2.vmm.wire import Kind, Message, encode
+from dbus_vmstate2.vmm.wire import Kind, Message, MessageReader, encode, progress_buffered
 
 from .migration import reap_commands  # noqa: F401 (the fixture)
 from .migration import Incoming, run, start
@@ -93,3 +93,53 @@ def test_a_source_backend_killed_mid_migration_fails_it_and_every_other_backend_
     assert backend_state(bus_address, fs) == "running" and events(tmp_path / "fs.src", "quiesced") == []
     for backend_id, dest in dests.items():
         assert backend_state(dest_bus, dest) == "running" and events(tmp_path / f"{backend_id}.dst", "loaded") == []
+
+
+def test_the_destination_reports_what_it_holds_only_when_asked(bus_address, dest_bus, memstate, tmp_path):
+    """A source that asks (HELLO ``progress``) gets PROGRESS every 50 ms while
+    the container comes: the bytes the destination holds that its back-ends
+    have not read; one that does not ask (an older source) never does."""
+    memstate("fs", "--size", "8M")
+    image = tmp_path / "fs.vmstate"
+    assert run(bus_address, "save", str(image), "--compression", "none").returncode == 0
+    container = image.read_bytes()
+    memstate("fs", address=dest_bus)
+    for ask in (True, False):
+        path = tmp_path / f"mig-{ask}.sock"
+        incoming = Incoming(dest_bus, f"unix:{path}")
+        source = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        source.connect(str(path))
+        source.sendall(encode(Message(Kind.HELLO, {"backends": ["fs"], **({"progress": True} if ask else {})})))
+        reader = MessageReader()
+        messages = []
+
+        def receive(seconds: float, until: Kind | None = None) -> None:
+            """What comes for ``seconds``, or until a message of kind ``until``."""
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0 and not (messages and messages[-1].kind is until):
+                source.settimeout(left)
+                try:
+                    data = source.recv(1 << 16)
+                except TimeoutError:
+                    return
+                if not data:
+                    return
+                reader.feed(data)
+                while isinstance(message := reader.next_message(), Message):
+                    messages.append(message)
+
+        receive(10.0, until=Kind.READY)
+        assert [m.kind for m in messages] == [Kind.READY]
+        source.sendall(container[: len(container) // 2])
+        receive(0.5)  # the rest of the container is late: the destination waits, holding what came
+        progress = [m for m in messages if m.kind is Kind.PROGRESS]
+        if ask:
+            assert len(progress) >= 3 and all(progress_buffered(m) is not None for m in progress), messages
+        else:
+            assert progress == []
+        source.sendall(container[len(container) // 2 :])
+        receive(30.0, until=Kind.COMMITTED)
+        assert messages[-1].kind is Kind.COMMITTED, messages[-3:]
+        source.close()
+        code, _, err = incoming.finish(timeout=60)
+        assert code == 0, err

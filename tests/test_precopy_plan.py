@@ -323,12 +323,37 @@ def test_the_rate_is_unknown_until_the_window_is_full_then_follows_it():
         assert plan.status(i * TICK).rate is None
     plan.tick(1.0, [obs("a", 1000, dirty=50)])
     assert plan.status(1.0).rate == pytest.approx(1000)
-    # a burst, then nothing: the rate shows the burst for one window only
+    # a burst, then nothing: the back-end's rate shows the burst for one window only
     plan.tick(1.1, [obs("a", 11000, dirty=50)])
-    assert plan.status(1.1).rate == pytest.approx((11000 - 100) / 1.0)
+    assert plan.status(1.1).backends[0].rate == pytest.approx((11000 - 100) / 1.0)
+    # the channel's, for the expected downtime, is the lowest of the last windows
+    assert plan.status(1.1).rate == pytest.approx(1000)
     for i in range(12, 22):
         plan.tick(i * TICK, [obs("a", 11000)])
-    assert plan.status(2.1).rate == pytest.approx(0)
+    assert plan.status(2.1).backends[0].rate == pytest.approx(0)
+
+
+def test_the_channel_rate_is_the_lowest_of_the_last_windows():
+    plan = PreCopyPlan(["a"], 0.0, PreCopyConfig(timeout=None))
+    received = 0
+
+    def run(until: float, rate: int) -> None:
+        nonlocal received
+        t = plan.now
+        while t < until - 1e-9:
+            t = round(t + TICK, 6)
+            received += int(rate * TICK)
+            plan.tick(t, [obs("a", received, dirty=MiB)])
+
+    run(2.0, 10 * MiB)
+    assert plan.status(2.0).rate == pytest.approx(10 * MiB)
+    run(3.0, 5 * MiB)  # the channel slows for a second, then recovers:
+    run(4.0, 10 * MiB)  # that second counts for RATE_HISTORY windows
+    assert plan.status(4.0).backends[0].rate == pytest.approx(10 * MiB)
+    assert plan.status(4.0).rate == pytest.approx(5 * MiB)
+    assert plan.status(4.0).expected_downtime == pytest.approx(0.2)
+    run(7.1, 10 * MiB)  # every window of the last three seconds is past the slow one
+    assert plan.status(7.1).rate == pytest.approx(10 * MiB)
 
 
 def test_frequent_ticks_keep_the_window_small():
@@ -781,3 +806,22 @@ def test_waiting_for_a_trigger_still_times_out_and_says_for_what():
     assert run.switch is None and run.final.reason is GiveUpReason.TIMEOUT
     assert "not told to switch over within the 4 s timeout" in run.final.message
     assert "pre-switchover" in run.final.message
+
+
+def test_the_destinations_rate_is_the_channels_where_it_is_lower():
+    def expected(delivered_rate: float | None) -> tuple[float, float]:
+        plan = PreCopyPlan(["a"], 0.0, PreCopyConfig(downtime_limit=0.1))
+        for i in range(1, 21):  # the window starts at the plan's start, before any count: 2 s
+            t = i * TICK
+            delivered = None if delivered_rate is None else int(delivered_rate * t)
+            plan.tick(t, [obs("a", int(20 * MiB * t), dirty=2 * MiB)], Backlog(MiB, 0.0, delivered))
+        status = plan.status(2.0)
+        return status.rate, status.expected_downtime
+
+    assert expected(None) == pytest.approx((20 * MiB, 3 / 20))
+    # the pipes give 20 MiB/s while 10 MiB/s gets through (buffers filling): the 3 MiB take 300 ms
+    assert expected(10 * MiB) == pytest.approx((10 * MiB, 3 / 10))
+    # a destination faster than the back-ends changes nothing
+    assert expected(40 * MiB) == pytest.approx((20 * MiB, 3 / 20))
+    with pytest.raises(ValueError):
+        Backlog(0, 0.0, -1)

@@ -94,9 +94,16 @@ class Backlog:
     handover: float = 0.0
     """Seconds the end takes once the last byte is through (a migration's:
     the destination's commit and its answer), as estimated by the adapter."""
+    delivered: int | None = None
+    """Stream bytes the destination has taken so far, cumulative (None: the
+    adapter cannot tell).  Their rate, where lower than the back-ends', is
+    the channel's: what the back-ends' pipes give while buffers fill is not
+    what gets through."""
 
     def __post_init__(self) -> None:
         _check_counts(self, "queued")
+        if self.delivered is not None:
+            _check_counts(self, "delivered")
         if not isinstance(self.handover, (int, float)) or not math.isfinite(self.handover) or self.handover < 0:
             raise ValueError(f"Backlog.handover must be a number of seconds >= 0, not {self.handover!r}")
 

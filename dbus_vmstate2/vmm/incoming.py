@@ -44,9 +44,9 @@ from .loading import StagedLoads, two_phase_support, write_all
 from .migrate import read_message
 from .qemu import QemuDestination
 from .transfers import STALL_TIMEOUT, Progress, in_thread, labelled
-from .transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Connection, Listener, TlsCreds, listen
+from .transport import ACCEPT_TIMEOUT, CONNECT_TIMEOUT, IO_TIMEOUT, Connection, Listener, TlsCreds, listen, pipe_fill
 from .uri import Uri
-from .wire import Kind, Message, MessageReader, encode, hello_backends
+from .wire import PROGRESS_INTERVAL, Kind, Message, MessageReader, encode, hello_backends
 
 READ_SIZE = 1 << 20
 LINGER = 2.0
@@ -172,7 +172,7 @@ async def _receive(
             progress.begin("receiving")
             progress.backends = len(ids)
             try:
-                streams = await _demux(conn, reader, loads, ids, progress, timeouts)
+                streams = await _demux(conn, reader, loads, ids, progress, timeouts, hello.body.get("progress") is True)
             except _StoppedReading as exc:
                 raise await _why_stopped(bus, ordered[exc.stream]) from exc
             progress.phase = "committing"
@@ -228,8 +228,13 @@ async def _tell(conn: Connection, kind: Kind, exc: BaseException) -> None:
 
 async def _demux(
     conn: Connection, messages: MessageReader, loads: Any, ids: list[str], progress: Progress, timeouts: IncomingTimeouts,
+    report: bool = False,
 ) -> list[StreamInfo]:
-    """Read the container, feed each back-end its stream; return the verified index."""
+    """Read the container, feed each back-end its stream; return the verified index.
+
+    With ``report``, tell the source every PROGRESS_INTERVAL what we hold
+    that the back-ends have not read: its plan counts it as on its way.
+    """
     reader = ContainerReader(len(ids))
     skim = ContainerWriter()  # the index, rebuilt from the streams as received
     skim.start()
@@ -242,6 +247,18 @@ async def _demux(
     # One batch is written into the pipes (in a worker thread) while the next
     # is read from the connection: the link and the back-ends work at once.
     delivering: asyncio.Future[set[int]] | None = None
+    handed = 0  # payload bytes given to the writer thread so far
+
+    def held() -> int:
+        in_pipes = sum(pipe_fill(fd) for fd in loads.fds.values())
+        return conn.unread() + handed - sum(progress.done.values()) + in_pipes
+
+    async def tell() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            await conn.send(encode(Message(Kind.PROGRESS, {"buffered": held()})))
+
+    telling = asyncio.ensure_future(tell()) if report else None
 
     async def delivered() -> None:
         nonlocal delivering, ended
@@ -269,11 +286,17 @@ async def _demux(
                     end = event
             await delivered()
             if pieces:
+                handed += sum(len(p.data) for p in pieces)
                 delivering = asyncio.ensure_future(in_thread(
                     _deliver, pieces, skim, loads.fds, ids, timeouts.stall, stop, progress, stop=stop.set,
                 ))  # fmt: skip
         await delivered()
     finally:
+        if telling is not None:  # before any answer: nothing follows COMMITTED or FAILED
+            telling.cancel()
+            await asyncio.wait({telling})
+            if not telling.cancelled():
+                telling.exception()  # a link that failed: the reads say so
         if delivering is not None:  # failed meanwhile: stop the writer and wait for it
             stop.set()
             await asyncio.wait({delivering})

@@ -40,7 +40,7 @@ from .qemu import QemuSource
 from .transfers import Progress, wait_regardless
 from .transport import CONNECT_TIMEOUT, IO_TIMEOUT, Connection, TlsCreds, connect
 from .uri import FileUri, Uri
-from .wire import Kind, Message, MessageReader, encode, ready_setup_seconds
+from .wire import Kind, Message, MessageReader, encode, progress_buffered, ready_setup_seconds
 
 ACK_TIMEOUT = 120.0
 """Default seconds the source waits, once it has sent everything, for the
@@ -104,6 +104,8 @@ class WireWriter:
         self._answer = answer
         self._ack_timeout = ack_timeout
         self._handover = handover
+        self.destination_holds = 0
+        """What the destination last said it holds that its back-ends have not read (PROGRESS)."""
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._container = ContainerWriter()
@@ -156,8 +158,10 @@ class WireWriter:
 
     def backlog(self) -> Backlog:
         """What the switch-over will wait for beyond the back-ends: the bytes
-        on their way to the destination, and the handover."""
-        return Backlog(self._conn.unsent(), self._handover)
+        on their way to the destination's back-ends, and the handover; and
+        what they have taken so far, whose rate is the channel's."""
+        queued = self._conn.unsent() + self.destination_holds
+        return Backlog(queued, self._handover, max(0, self._conn.sent - queued))
 
     def abandon(self) -> None:
         """Drop the connection (from the event loop): every send and the commit's wait end at once."""
@@ -239,7 +243,7 @@ def refusal(message: Message, peer: str) -> PeerRefused:
 
 
 async def _handshake(conn: Connection, backends: Sequence[BackendInfo], reader: MessageReader) -> Message:
-    await conn.send(encode(Message(Kind.HELLO, {"backends": [b.id for b in backends]})))
+    await conn.send(encode(Message(Kind.HELLO, {"backends": [b.id for b in backends], "progress": True})))
     answer = await read_message(conn, reader, conn.io_timeout, "its READY answer to our HELLO")
     if answer.kind in (Kind.REFUSED, Kind.FAILED):  # FAILED: its loads could not start
         raise refusal(answer, conn.peer)
@@ -258,8 +262,10 @@ def _handover(conn: Connection, ready: Message, handshake: float) -> float:
 
 
 async def _answer(conn: Connection, reader: MessageReader, writer: list[WireWriter]) -> Message:
-    """Read the destination's final answer, whenever it comes."""
-    message = await read_message(conn, reader, None, "its answer (COMMITTED or FAILED)")
+    """Read the destination's final answer, whenever it comes, and its PROGRESS meanwhile."""
+    while (message := await read_message(conn, reader, None, "its answer (COMMITTED or FAILED)")).kind is Kind.PROGRESS:
+        if writer and (holds := progress_buffered(message)) is not None:
+            writer[0].destination_holds = holds
     if message.kind is Kind.COMMITTED:
         if not writer or writer[0].footer_sent_at is None:
             raise LinkFailed(f"{conn.peer} acknowledged the migration before the end of the container was sent")

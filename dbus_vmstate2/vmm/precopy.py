@@ -35,10 +35,17 @@ VFIO's PRECOPY_INFO; reference/state-migration-anchors.md §1 and §4):
    total.  It is unknown until the ticks span a whole window, and until then
    the plan never switches over by itself.  This is throughput, not link
    capacity: while a back-end has little to send it looks slower than its
-   link, which errs towards a longer expected downtime (safe).  It relies on
-   the back-end starting each round as soon as the last one is written; one
-   that waits between rounds for longer than the downtime limit may never
-   look converged.
+   link, which errs towards a longer expected downtime (safe).  Where the
+   adapter's :class:`Backlog` says how much the destination has taken, the
+   channel's rate is the lower of the two: while buffers on the way fill,
+   the pipes give more than gets through.  Rule 3 takes the lowest such
+   channel rate of the last :data:`RATE_HISTORY` windows: on a busy host or
+   link the throughput of one second says little of the next, and stop-copy
+   should be expected at the pace the channel is known to fall to.  It
+   relies on the back-end
+   starting each round as soon as the last one is written; one that waits
+   between rounds for longer than the downtime limit may never look
+   converged.
 2. **Pending.**  What stop-copy would have to move, per back-end, in stream
    bytes: ``max(initial_bytes + dirty_bytes, stop_copy_bytes)`` from its
    latest ``Pending()`` reply (state bytes), times its compression ratio,
@@ -154,6 +161,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+RATE_HISTORY = 3
+"""Rule 1: how many windows back the channel rate of rule 3 looks (it takes their lowest)."""
+
 
 # -- The plan -----------------------------------------------------------------
 
@@ -220,6 +230,7 @@ class _Sample:
     at: float
     received: tuple[int, ...]
     outstanding: tuple[int | None, ...]
+    delivered: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,12 +238,11 @@ class _Figures:
     """Rules 1 to 3 applied to the latest tick."""
 
     rates: tuple[float, ...] | None
+    """Each back-end's, over the window."""
     pending: tuple[int | None, ...]
     expected_downtime: float | None
-
-    @property
-    def rate(self) -> float | None:
-        return None if self.rates is None else sum(self.rates)
+    rate: float | None
+    """The channel's, as rule 3 takes it (rule 1)."""
 
     @property
     def pending_total(self) -> int | None:
@@ -273,6 +283,8 @@ class PreCopyPlan:
         self._switch: SwitchOver | None = None
         self._final: Finished | GiveUp | None = None
         self._backlog = Backlog()
+        self._channel_rates: deque[tuple[float, float]] = deque()
+        """(tick time, channel rate over the window ending then), for the last RATE_HISTORY windows."""
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -324,6 +336,7 @@ class PreCopyPlan:
             if moved or obs.held or not self._has_pending(b):
                 b.fine_at = now
         self._add_sample(now)
+        self._note_channel_rate(now)
         if self._phase is Phase.PRE_COPY:
             return self._decide_pre_copy(now)
         return self._decide_stop_copy(now)
@@ -519,12 +532,15 @@ class PreCopyPlan:
         """Rules 1 to 3."""
         pending = tuple(b.pending_bytes for b in self._state.values())
         rates = self._rates()
-        if rates is None or None in pending:
-            return _Figures(rates, pending, None)
+        if rates is None:
+            return _Figures(rates, pending, None, None)
+        channel = min([self._channel_rate(rates), *(r for _, r in self._channel_rates)])
+        if None in pending:
+            return _Figures(rates, pending, None, channel)
         known = [p for p in pending if p is not None]
-        total = _time_for(sum(known) + self._backlog.queued, sum(rates))
+        total = _time_for(sum(known) + self._backlog.queued, channel)
         slowest = max(_time_for(p, r) for p, r in zip(known, rates, strict=True))
-        return _Figures(rates, pending, max(total, slowest) + self._backlog.handover)
+        return _Figures(rates, pending, max(total, slowest) + self._backlog.handover, channel)
 
     def _window(self) -> tuple[_Sample, _Sample] | None:
         first, last = self._samples[0], self._samples[-1]
@@ -540,6 +556,28 @@ class PreCopyPlan:
         span = last.at - first.at
         return tuple((b - a) / span for a, b in zip(first.received, last.received, strict=True))
 
+    def _channel_rate(self, rates: tuple[float, ...]) -> float:
+        """Over the current window: the back-ends' rates together, or the destination's if lower."""
+        delivery = self._delivery_rate()
+        return sum(rates) if delivery is None else min(sum(rates), delivery)
+
+    def _note_channel_rate(self, now: float) -> None:
+        rates = self._rates()
+        if rates is None:
+            return
+        self._channel_rates.append((now, self._channel_rate(rates)))
+        horizon = now - RATE_HISTORY * self.config.rate_window
+        while self._channel_rates[0][0] < horizon:
+            self._channel_rates.popleft()
+
+    def _delivery_rate(self) -> float | None:
+        """Bytes per second the destination took over the window (rule 1), if it says."""
+        window = self._window()
+        if window is None or window[0].delivered is None or window[1].delivered is None:
+            return None
+        first, last = window
+        return max(0, last.delivered - first.delivered) / (last.at - first.at)
+
     def _add_sample(self, now: float) -> None:
         """Keep the ticks of the last window, plus one at or before its start.
 
@@ -548,6 +586,7 @@ class PreCopyPlan:
         ticks."""
         sample = _Sample(
             now, tuple(b.received for b in self._state.values()), tuple(b.outstanding for b in self._state.values()),
+            self._backlog.delivered,
         )
         samples = self._samples
         if len(samples) >= 2 and now - samples[-2].at < self.config.rate_window / 32:

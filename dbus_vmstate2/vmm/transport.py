@@ -178,6 +178,20 @@ class Connection:
                 pass
         return unsent
 
+    def unread(self) -> int:
+        """Bytes that reached this end and that we have not read yet: the
+        kernel's receive queue and our reader's buffer.  On the loop's thread."""
+        # asyncio's StreamReader counts neither publicly: its buffer and its
+        # transport are what it keeps them in.
+        unread = len(getattr(self.reader, "_buffer", b""))
+        transport = getattr(self.reader, "_transport", None)
+        end = None if transport is None else transport.get_extra_info("socket") or transport.get_extra_info("pipe")
+        try:
+            unread += _ioctl_int(end.fileno(), termios.FIONREAD) if end is not None else 0
+        except (OSError, ValueError):  # closed meanwhile
+            pass
+        return unread
+
     def round_trip(self) -> float:
         """The link's round-trip time as TCP measures it (its smoothed RTT),
         in seconds; 0 on a local socket, or where TCP cannot tell."""
@@ -261,6 +275,14 @@ class Connection:
 _TCP_INFO_RTT = 68
 """Offset of ``tcpi_rtt`` (microseconds) in Linux's ``struct tcp_info``:
 eight one-byte fields, then fifteen 32-bit ones before it."""
+
+
+def pipe_fill(fd: int) -> int:
+    """Bytes in the pipe (either end) ``fd``; 0 if it cannot tell."""
+    try:
+        return _ioctl_int(fd, termios.FIONREAD)
+    except OSError:
+        return 0
 
 
 def _ioctl_int(fd: int, request: int) -> int:

@@ -32,7 +32,8 @@ class Kind(enum.IntEnum):
     """What a message says; the direction is fixed per kind."""
 
     HELLO = 1
-    """Source -> destination, first: ``{"backends": [Id, ...]}`` in stream-number order."""
+    """Source -> destination, first: ``{"backends": [Id, ...]}`` in stream-number order;
+    ``"progress": true`` (optional) asks for PROGRESS messages."""
     READY = 2
     """Destination -> source: every back-end is there and loading; send the container.
     ``{"backends": [Id, ...], "setup_seconds": s}``: ``s``, optional, is how long the
@@ -43,6 +44,14 @@ class Kind(enum.IntEnum):
     """Destination -> source, after the container: every back-end verified and committed."""
     FAILED = 5
     """Destination -> source, instead of COMMITTED: ``{"error", "message", "backend"}``; nothing applied."""
+    PROGRESS = 6
+    """Destination -> source, only if the HELLO asked, every :data:`PROGRESS_INTERVAL` while
+    the container comes: ``{"buffered": n}``, the bytes it has received and its back-ends have
+    not yet read (its socket's queue, its own buffers, their pipes)."""
+
+
+PROGRESS_INTERVAL = 0.05
+"""Seconds between two PROGRESS messages."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +122,7 @@ class MessageReader:
         if crc != crc32(raw):
             raise Corrupt(f"a message CRC {crc:#010x}, expected {crc32(raw):#010x}")
         if kind not in tuple(Kind) or reserved:
-            raise UnsupportedVersion(f"a message of kind {kind} with reserved {reserved:#06x}: expected a kind 1..5 and 0")
+            raise UnsupportedVersion(f"a message of kind {kind} with reserved {reserved:#06x}: expected a kind 1..6 and 0")
         try:
             body = json.loads(raw[HEAD_SIZE:].decode())
         except (UnicodeDecodeError, ValueError) as exc:
@@ -135,6 +144,12 @@ def ready_setup_seconds(message: Message) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
         return None
     return float(value)
+
+
+def progress_buffered(message: Message) -> int | None:
+    """The bytes a PROGRESS says the destination holds, or None if it says no count."""
+    value = message.body.get("buffered")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def hello_backends(message: Message) -> list[str]:
