@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -171,14 +170,16 @@ def main(argv: list[str] | None = None) -> int:
                 netns.remove(hosts)
             source.stop()
     print()
-    print(f"| link | one-shot downtime | live downtime (each run) | live / one-shot | within {args.downtime_limit:g} ms |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| link | one-shot downtime | live downtime (each run) | expected (each run) | live / one-shot | "
+          f"within {args.downtime_limit:g} ms |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
     for name, by in results.items():
         one = statistics.median(s["downtime"] for s in by["oneshot"])
         live_each = [s["downtime"] for s in by["live"]]
         live = statistics.median(live_each)
         within = sum(d <= args.downtime_limit / 1000 for d in live_each)
-        print(f"| {name} | {one:.2f} s | {ms(live)} ({', '.join(ms(d)[:-3] for d in live_each)}) | "
+        expected = ", ".join(ms(s["expected_downtime"]) for s in by["live"])
+        print(f"| {name} | {one:.2f} s | {ms(live)} ({', '.join(ms(d)[:-3] for d in live_each)}) | {expected} | "
               f"**{live / one:.3f}** | {within} of {len(live_each)} |")  # fmt: skip
     return 0
 
