@@ -38,14 +38,14 @@ VFIO's PRECOPY_INFO; reference/state-migration-anchors.md §1 and §4):
    link, which errs towards a longer expected downtime (safe).  Where the
    adapter's :class:`Backlog` says how much the destination has taken, the
    channel's rate is the lower of the two: while buffers on the way fill,
-   the pipes give more than gets through.  Rule 3 takes the lowest such
-   channel rate of the last :data:`RATE_HISTORY` windows: on a busy host or
-   link the throughput of one second says little of the next, and stop-copy
-   should be expected at the pace the channel is known to fall to.  It
-   relies on the back-end
-   starting each round as soon as the last one is written; one that waits
-   between rounds for longer than the downtime limit may never look
-   converged.
+   the pipes give more than gets through.  Rule 3 takes the lowest channel
+   rate of the last :data:`RATE_HISTORY` windows that ended with bytes
+   queued on the way (the channel, not the back-ends, was then the limit):
+   on a busy host or link the throughput of one second says little of the
+   next, and stop-copy should be expected at the pace the channel is known
+   to fall to.  It relies on the back-end starting each round as soon as the
+   last one is written; one that waits between rounds for longer than the
+   downtime limit may never look converged.
 2. **Pending.**  What stop-copy would have to move, per back-end, in stream
    bytes: ``max(initial_bytes + dirty_bytes, stop_copy_bytes)`` from its
    latest ``Pending()`` reply (state bytes), times its compression ratio,
@@ -57,7 +57,7 @@ VFIO's PRECOPY_INFO; reference/state-migration-anchors.md §1 and §4):
    counters since the transfer began (1.0 until the adapter gives them: no
    credit for compression it has not seen).  In flight: what the back-end
    says it wrote (Check's ``stream_bytes``) minus what we received.
-3. **Expected downtime.**  ``max((sum(pending) + queued) / sum(rate),
+3. **Expected downtime.**  ``max((sum(pending) + queued) / channel rate,
    max(pending_i / rate_i)) + handover``: stop-copy runs on all back-ends at
    once, so it lasts at least as long as the shared channel needs for the
    total and as long as the slowest back-end needs for its own part.  The
@@ -562,12 +562,14 @@ class PreCopyPlan:
         return sum(rates) if delivery is None else min(sum(rates), delivery)
 
     def _note_channel_rate(self, now: float) -> None:
+        """Rule 1: remember the channel's rate if it was the limit (bytes queued on the way)."""
         rates = self._rates()
         if rates is None:
             return
-        self._channel_rates.append((now, self._channel_rate(rates)))
+        if self._backlog.queued:
+            self._channel_rates.append((now, self._channel_rate(rates)))
         horizon = now - RATE_HISTORY * self.config.rate_window
-        while self._channel_rates[0][0] < horizon:
+        while self._channel_rates and self._channel_rates[0][0] < horizon:
             self._channel_rates.popleft()
 
     def _delivery_rate(self) -> float | None:
