@@ -40,6 +40,15 @@ What a user gets:
     up on its I/O timeout naming the link (exit 4), the stopped helper's
     back-ends end their transfers on their stall timeout, and the helper,
     continued, fails in one line.
+  - the source helper killed (SIGKILL) in pre-copy: its back-ends see
+    their pipes break, end their transfers and serve on with their state;
+    ``incoming`` sees the connection end (or reset) before the end of the
+    container (exit 4) and applies nothing;
+  - a destination back-end killed: ``incoming`` fails in one line naming it
+    (exit 1) and tells the source: ``migrate`` exits 4 with that message,
+    its back-ends serve on, the other destination back-end applies nothing;
+  - a back-end, on either side, stopped briefly (less than every timeout):
+    the migration completes and moves the state at quiesce.
 
 After each: no zombie, no fd leaked by a back-end that lives on.
 """
@@ -563,3 +572,71 @@ def test_a_helper_stopped_for_longer_than_the_timeouts_in_mid_migration(bus, des
     assert re.search(own_reason if code == 1 else LINK_ERROR, err), err
     assert_failed_cleanly(bus, dest_bus, m)
     no_zombies(*(b.process.pid for b in m.backends()))
+
+
+def test_the_source_helper_killed_in_mid_migration(bus, dest_bus, backends, tmp_path):
+    """migrate killed (SIGKILL) in pre-copy: the source's back-ends see their
+    pipes break, end their transfers themselves and serve on with the state
+    they had; incoming sees its source leave before the end of the container
+    and applies nothing."""
+    m = start_migration(backends, bus, dest_bus, tmp_path)
+    started = time.monotonic()
+    m.migrating.kill()
+    m.migrating.communicate()
+    code, err = finish(m.incoming.process, 30)
+    one_line(code, err, 4)
+    # Killed with PROGRESS messages unread in its socket, it resets the
+    # connection rather than closing it (the kernel's choice): incoming says
+    # either.
+    assert re.search(r"before the end of the container: the source gave up or was killed"
+                     r"|the connection to unix:\S+ \(from a local process\) was lost: Connection reset by peer", err), err
+    assert time.monotonic() - started < 30
+    for backend in m.source.values():
+        wait_for(lambda: backend_state(bus.address, backend) == "running",
+                 "the source's back-ends to end their transfers", timeout=30)  # fmt: skip
+    for backend_id, (_, dst) in m.reports.items():
+        assert events(dst, "loaded") == [], backend_id
+    assert_failed_cleanly(bus, dest_bus, m)
+    no_zombies(*(b.process.pid for b in m.backends()))
+
+
+def test_a_destination_backend_killed_in_mid_migration(bus, dest_bus, backends, tmp_path):
+    """A destination back-end killed (SIGKILL) while it loads: incoming fails
+    in one line naming it and tells the source, which resumes its back-ends;
+    the other destination back-end discards its staged load."""
+    m = start_migration(backends, bus, dest_bus, tmp_path)
+    victim = m.dest["fs"]
+    started = time.monotonic()
+    victim.process.kill()
+    victim.process.wait()
+    code, err = finish(m.incoming.process, 30)
+    one_line(code, err, 1)
+    assert "back-end 'fs'" in err, err
+    code, err = finish(m.migrating, 30)
+    one_line(code, err, 4)
+    assert re.search(r"the destination \(unix:\S+\) failed: .*back-end 'fs'.*; nothing was applied", err), err
+    assert time.monotonic() - started < 30
+    m.assert_nothing_left()
+    assert_source_serves_on(bus.address, m.reports)
+    for backend_id, (src, _) in m.reports.items():
+        assert events(src, "quiesced") == [], backend_id
+    assert backend_state(dest_bus.address, m.dest["net"]) == "running"
+    assert_no_fd_leaked(m, [*m.source.values(), m.dest["net"]])
+    no_zombies(*(b.process.pid for b in m.backends()))
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_backend_stopped_briefly_in_mid_migration(bus, dest_bus, backends, tmp_path, side):
+    """A back-end stopped for 1 s, less than every timeout (3 s here): the
+    migration completes and moves the state at quiesce exactly."""
+    m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, source_args=BACKEND_STALL,
+                        dest_args=BACKEND_STALL, incoming_args=tuple(TIMEOUTS))  # fmt: skip
+    stopped_for((m.source if side == "source" else m.dest)["fs"].process.pid, 1)
+    code, err = finish(m.migrating, 60)
+    assert code == 0, err
+    code, err = finish(m.incoming.process, 30)
+    assert code == 0, err
+    assert_moved(m.reports)
+    assert_no_fd_leaked(m, m.backends())
+    no_zombies(*(b.process.pid for b in m.backends()))
+
