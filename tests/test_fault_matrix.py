@@ -640,3 +640,34 @@ def test_a_backend_stopped_briefly_in_mid_migration(bus, dest_bus, backends, tmp
     assert_no_fd_leaked(m, m.backends())
     no_zombies(*(b.process.pid for b in m.backends()))
 
+
+
+def test_a_source_backend_stopped_for_longer_than_the_stall_timeout_fails_the_migration_in_time(
+    bus, dest_bus, backends, tmp_path
+):
+    """A source back-end stopped (SIGSTOP) and kept stopped: migrate's plan
+    finds it stuck within its stall timeout (3 s here) and fails naming it,
+    whatever the calls to it that never return (each tick's Check and
+    Pending, the clean-up's cancel and resume each have a short bound of
+    their own).  Continued, the back-end serves on with its state."""
+    m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, incoming_args=tuple(TIMEOUTS))
+    fs = m.source["fs"]
+    os.kill(fs.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        code, err = finish(m.migrating, 60)
+        elapsed = time.monotonic() - started
+        one_line(code, err, 1)
+        assert "back-end 'fs'" in err, err
+        assert elapsed < 20, f"migrate took {elapsed:.1f} s to give up on a stopped back-end"
+    finally:
+        os.kill(fs.process.pid, signal.SIGCONT)
+    code, err = finish(m.incoming.process, 30)
+    one_line(code, err, 4)
+    wait_for(lambda: backend_state(bus.address, fs) == "running", "the continued back-end to end its transfer")
+    m.assert_nothing_left()
+    assert_source_serves_on(bus.address, m.reports)
+    for backend in m.dest.values():
+        assert backend_state(dest_bus.address, backend) == "running"
+    assert_no_fd_leaked(m, m.backends())
+    no_zombies(*(b.process.pid for b in m.backends()))

@@ -38,7 +38,7 @@ from dbus_fast.aio import MessageBus
 from ..fds import enlarge_pipe
 from ..errors import BackendFailed, LinkFailed, NoBackends, PeerRefused, StreamError, VMStateError
 from ..names import VMSTATE2
-from .calls import SignalWatch, call
+from .calls import CALL_TIMEOUT, CLEANUP_TIMEOUT, SignalWatch, call
 from .discovery import BackendInfo
 from .precopy import (
     AwaitStopCopy,
@@ -60,6 +60,12 @@ from .transfers import Operation, Progress, in_thread, labelled, reported_failur
 
 TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
+
+OBSERVE_TIMEOUT = 1.0
+"""Seconds a back-end has to answer a tick's Check or Pending.  One that does
+not (stopped, hung) is asked again at the next tick, and the plan's stall
+rule judges it: a call that waited longer would hold every tick, and so the
+plan's own timeouts, behind it."""
 
 
 class _InitialSignals(SignalWatch):
@@ -173,7 +179,7 @@ async def save_live(
         try:
             await in_thread(writer.commit, stop=writer.abandon)
         except BaseException:  # the back-ends are stopped: they must serve on
-            await wait_regardless(asyncio.ensure_future(_resume(bus, sources)))
+            await wait_regardless(asyncio.ensure_future(_resume(bus, sources, CLEANUP_TIMEOUT)))
             raise
         progress.phase = "done"
     except BaseException:
@@ -271,7 +277,7 @@ async def _drive(
             plan.stop_copy_finished(
                 source.backend.id, now, received=progress.done.get(source.backend.id, 0), counters=source.counters
             )
-        observations = [await _observe(bus, s, initial, progress) for s in sources]
+        observations = await asyncio.gather(*(_observe(bus, s, initial, progress) for s in sources))
         # A back-end's own failure that came while we asked (its
         # TransferFinished) says more than what the plan would infer from its
         # silence: after this helper was stopped, say, its back-ends ended
@@ -287,9 +293,11 @@ async def _drive(
             progress.phase = "stop-copy"  # not begin(): the received counts go on
             if on_switch_over is not None:
                 on_switch_over(decision.at)
-            await asyncio.gather(*(
-                call(bus, s.backend.unique_name, VMSTATE2, "StopCopy", "t", [s.number]) for s in sources
-            ))
+            await asyncio.gather(*(  # a back-end that cannot answer in that time is stuck (rule 4)
+                call(bus, s.backend.unique_name, VMSTATE2, "StopCopy", "t", [s.number],
+                     timeout=plan.config.stall_timeout)
+                for s in sources
+            ))  # fmt: skip
         elif isinstance(decision, GiveUp):
             raise decision.error()
         elif isinstance(decision, Finished):
@@ -317,11 +325,15 @@ async def _observe(bus: MessageBus, source: _Source, initial: _InitialSignals, p
         return Observation(backend.id, received, initial_data_sent=True)
     pending = None
     try:
-        number, finished, _, raw, stream = await call(bus, backend.unique_name, VMSTATE2, "Check")
+        number, finished, _, raw, stream = await call(
+            bus, backend.unique_name, VMSTATE2, "Check", timeout=OBSERVE_TIMEOUT
+        )
         if number == source.number:
             source.counters = Counters(raw, stream)
             if not finished:  # once stopped, Pending no longer describes this transfer
-                pending = PendingReply(*await call(bus, backend.unique_name, VMSTATE2, "Pending"))
+                pending = PendingReply(
+                    *await call(bus, backend.unique_name, VMSTATE2, "Pending", timeout=OBSERVE_TIMEOUT)
+                )
     except VMStateError:
         pass  # its outcome (TransferFinished) will say what happened
     # A pump waiting for a migration's link to take what it read: the plan
@@ -352,14 +364,16 @@ async def _abandon(bus: MessageBus, operation: Operation, sources: list[_Source]
         for task in tasks:
             if not task.cancelled():
                 task.exception()  # retrieved: the first failure speaks for all
-    await _resume(bus, sources)
+    await _resume(bus, sources, CLEANUP_TIMEOUT)
 
 
-async def _resume(bus: MessageBus, sources: list[_Source]) -> None:
+async def _resume(bus: MessageBus, sources: list[_Source], timeout: float = CALL_TIMEOUT) -> None:
+    """Resume every back-end we started a transfer on; after a failure, each
+    within ``timeout`` (a stopped or hung one must not hold the command)."""
     for source in sources:
         if source.number is None:
             continue
         try:
-            await call(bus, source.backend.unique_name, VMSTATE2, "Resume")
+            await call(bus, source.backend.unique_name, VMSTATE2, "Resume", timeout=timeout)
         except Exception:  # gone, or not stopped (Resume in running does nothing)
             pass
