@@ -671,3 +671,31 @@ def test_a_source_backend_stopped_for_longer_than_the_stall_timeout_fails_the_mi
         assert backend_state(dest_bus.address, backend) == "running"
     assert_no_fd_leaked(m, m.backends())
     no_zombies(*(b.process.pid for b in m.backends()))
+
+
+def test_a_destination_backend_stopped_for_longer_than_the_stall_timeout_is_named_by_both_sides(
+    bus, dest_bus, backends, tmp_path
+):
+    """A destination back-end stopped and kept stopped: incoming finds it
+    reads nothing within its stall timeout (3 s here) and fails naming it,
+    and tells the source before it discards the loads (the discard waits for
+    the stopped back-end's answer), so that migrate names the same back-end
+    at the destination rather than its own side."""
+    m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, incoming_args=tuple(TIMEOUTS))
+    fs = m.dest["fs"]
+    os.kill(fs.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        code, err = finish(m.migrating, 60)
+        elapsed = time.monotonic() - started
+        one_line(code, err, 4)
+        assert "the destination (unix:" in err and "back-end 'fs'" in err, err
+        assert elapsed < 20, f"migrate took {elapsed:.1f} s"
+        code, err = finish(m.incoming.process, 30)
+        one_line(code, err, 1)
+        assert "back-end 'fs'" in err, err
+    finally:
+        os.kill(fs.process.pid, signal.SIGCONT)
+    wait_for(lambda: backend_state(dest_bus.address, fs) == "running", "the continued back-end to end its load")
+    assert_failed_cleanly(bus, dest_bus, m)
+    no_zombies(*(b.process.pid for b in m.backends()))

@@ -158,6 +158,7 @@ async def _receive(
     except VMStateError as exc:
         await _tell(conn, Kind.REFUSED, exc)
         raise
+    told = False
     try:
         two_phase = await two_phase_support(bus, ordered)
         if not all(two_phase.values()):  # refused before any Load starts
@@ -167,20 +168,31 @@ async def _receive(
             )
         async with StagedLoads(bus, ordered, progress, stall_timeout=timeouts.stall,
                                commit_timeout=max(1, int(timeouts.commit)), two_phase=two_phase) as loads:  # fmt: skip
-            ready = {"backends": ids, "setup_seconds": round(time.monotonic() - started, 6)}
-            await conn.send(encode(Message(Kind.READY, ready)))
-            progress.begin("receiving")
-            progress.backends = len(ids)
             try:
-                streams = await _demux(conn, reader, loads, ids, progress, timeouts, hello.body.get("progress") is True)
-            except _StoppedReading as exc:
-                raise await _why_stopped(bus, ordered[exc.stream]) from exc
-            progress.phase = "committing"
-            seconds = await loads.commit()
+                ready = {"backends": ids, "setup_seconds": round(time.monotonic() - started, 6)}
+                await conn.send(encode(Message(Kind.READY, ready)))
+                progress.begin("receiving")
+                progress.backends = len(ids)
+                try:
+                    streams = await _demux(conn, reader, loads, ids, progress, timeouts,
+                                           hello.body.get("progress") is True)  # fmt: skip
+                except _StoppedReading as exc:
+                    raise await _why_stopped(bus, ordered[exc.stream]) from exc
+                progress.phase = "committing"
+                seconds = await loads.commit()
+            except BaseException as exc:
+                # Before the loads are discarded: that waits for each back-end
+                # to answer its cancel, and a stopped one takes the whole
+                # timeout, while the source, waiting, would fail first and
+                # blame its own side.
+                told = True
+                await _tell(conn, Kind.FAILED, exc)
+                raise
         await conn.send(encode(Message(Kind.COMMITTED, {"backends": ids})))
         progress.phase = "done"
     except BaseException as exc:
-        await _tell(conn, Kind.FAILED, exc)
+        if not told:
+            await _tell(conn, Kind.FAILED, exc)
         raise
     return IncomingSummary(conn.peer, streams, conn.sent, time.monotonic() - started, seconds)
 
@@ -340,9 +352,9 @@ class _StoppedReading(Exception):
 async def _why_stopped(bus: MessageBus, backend: BackendInfo, wait: float = 5.0) -> VMStateError:
     """The back-end's own error for a load that stopped reading (from Check, within ``wait`` seconds)."""
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            _, finished, *_ = await call(bus, backend.unique_name, VMSTATE2, "Check")
+            _, finished, *_ = await call(bus, backend.unique_name, VMSTATE2, "Check", timeout=left)
         except VMStateError as exc:
             return labelled(backend, exc)
         if finished:
