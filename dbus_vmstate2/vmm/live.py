@@ -61,6 +61,10 @@ from .transfers import Operation, Progress, in_thread, labelled, reported_failur
 TICK = 0.1
 """Seconds between two looks at the back-ends' estimates."""
 
+AWAY = 3.0
+"""Seconds between two looks beyond which we were not running (a tick takes
+at most OBSERVE_TIMEOUT plus TICK)."""
+
 OBSERVE_TIMEOUT = 1.0
 """Seconds a back-end has to answer a tick's Check or Pending.  One that does
 not (stopped, hung) is asked again at the next tick, and the plan's stall
@@ -258,6 +262,7 @@ async def _drive(
     """Tick the plan until it finishes; raise if it gives up, a back-end fails or ``watch`` fails."""
     plan = PreCopyPlan([s.backend.id for s in sources], time.monotonic(), config)
     switched = False
+    last_tick = time.monotonic()
     while True:
         # Cleared before the tasks are looked at: a pump or an outcome that
         # ends from here on wakes the wait below at once (a wake-up lost to
@@ -278,6 +283,12 @@ async def _drive(
                 source.backend.id, now, received=progress.done.get(source.backend.id, 0), counters=source.counters
             )
         observations = await asyncio.gather(*(_observe(bus, s, initial, progress) for s in sources))
+        if time.monotonic() - last_tick > AWAY:
+            # We were not running (stopped, suspended): what the back-ends
+            # did meanwhile (gave up on us, say) is queued on the bus and
+            # says more than the silence the plan would see; let it land.
+            await asyncio.sleep(TICK)
+        last_tick = time.monotonic()
         # A back-end's own failure that came while we asked (its
         # TransferFinished) says more than what the plan would infer from its
         # silence: after this helper was stopped, say, its back-ends ended
