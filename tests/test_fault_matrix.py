@@ -64,6 +64,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,12 +158,19 @@ def saved_sizes(image: Path, capsys) -> dict[str, int]:
     return {s["id"]: s["raw_bytes"] for s in doc["streams"]}
 
 
-def stopped_for(pid: int, seconds: float) -> None:
+@contextmanager
+def kept_stopped(pid: int) -> Iterator[None]:
+    """The process ``pid`` stopped (SIGSTOP) within the block, continued after it, whatever happens."""
     os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(seconds)
+        yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def stopped_for(pid: int, seconds: float) -> None:
+    with kept_stopped(pid):
+        time.sleep(seconds)
 
 
 # the bus daemon ---------------------------------------------------------------------
@@ -248,11 +256,8 @@ def test_the_bus_stopped_for_longer_than_the_call_timeout(bus, backends, tmp_pat
     image = tmp_path / "vm.vmstate"
     saver = command(bus.address, "save", str(image), *SLOW_SAVE)
     wait_for(lambda: backend_state(bus.address, big) == "saving", "the save to start")
-    os.kill(bus.pid, signal.SIGSTOP)
-    try:
+    with kept_stopped(bus.pid):
         code, err = finish(saver, 90)
-    finally:
-        os.kill(bus.pid, signal.SIGCONT)
     assert code == 1 and len(err.splitlines()) == 1, err
     assert "back-end 'big'" in err and "did not answer org.qemu.VMState2.Check within 30 s" in err, err
     assert not image.exists() and not temp_files(tmp_path)
@@ -553,8 +558,7 @@ def test_a_helper_stopped_for_longer_than_the_timeouts_in_mid_migration(bus, des
         stopped, waiting, own = m.incoming.process, m.migrating, m.dest
         gives_up = r"the link to unix:\S+ took nothing for 3 s \(the I/O timeout\)"
         own_reason = r"back-end '(fs|net)': nothing was written on the other end for 3 s"
-    os.kill(stopped.pid, signal.SIGSTOP)
-    try:
+    with kept_stopped(stopped.pid):
         started = time.monotonic()
         code, err = finish(waiting, 30)
         one_line(code, err, 4)
@@ -563,8 +567,6 @@ def test_a_helper_stopped_for_longer_than_the_timeouts_in_mid_migration(bus, des
         for backend in own.values():
             wait_for(lambda: backend_state(bus.address if own is m.source else dest_bus.address, backend) == "running",
                      "the stopped helper's back-ends to end their transfers", timeout=15)  # fmt: skip
-    finally:
-        os.kill(stopped.pid, signal.SIGCONT)
     code, err = finish(stopped, 30)
     # It wakes to both its back-ends' ended transfers and its peer gone:
     # either is a true account, and which it sees first is the scheduler's.
@@ -652,16 +654,13 @@ def test_a_source_backend_stopped_for_longer_than_the_stall_timeout_fails_the_mi
     their own).  Continued, the back-end serves on with its state."""
     m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, incoming_args=tuple(TIMEOUTS))
     fs = m.source["fs"]
-    os.kill(fs.process.pid, signal.SIGSTOP)
-    try:
+    with kept_stopped(fs.process.pid):
         started = time.monotonic()
         code, err = finish(m.migrating, 60)
         elapsed = time.monotonic() - started
         one_line(code, err, 1)
         assert "back-end 'fs'" in err, err
         assert elapsed < 20, f"migrate took {elapsed:.1f} s to give up on a stopped back-end"
-    finally:
-        os.kill(fs.process.pid, signal.SIGCONT)
     code, err = finish(m.incoming.process, 30)
     one_line(code, err, 4)
     wait_for(lambda: backend_state(bus.address, fs) == "running", "the continued back-end to end its transfer")
@@ -683,8 +682,7 @@ def test_a_destination_backend_stopped_for_longer_than_the_stall_timeout_is_name
     at the destination rather than its own side."""
     m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, incoming_args=tuple(TIMEOUTS))
     fs = m.dest["fs"]
-    os.kill(fs.process.pid, signal.SIGSTOP)
-    try:
+    with kept_stopped(fs.process.pid):
         started = time.monotonic()
         code, err = finish(m.migrating, 60)
         elapsed = time.monotonic() - started
@@ -694,8 +692,6 @@ def test_a_destination_backend_stopped_for_longer_than_the_stall_timeout_is_name
         code, err = finish(m.incoming.process, 30)
         one_line(code, err, 1)
         assert "back-end 'fs'" in err, err
-    finally:
-        os.kill(fs.process.pid, signal.SIGCONT)
     wait_for(lambda: backend_state(dest_bus.address, fs) == "running", "the continued back-end to end its load")
     assert_failed_cleanly(bus, dest_bus, m)
     no_zombies(*(b.process.pid for b in m.backends()))
