@@ -285,6 +285,49 @@ async def test_vmstate1_calls_are_numbered_transfers_with_their_real_counters(bu
     assert store.state == b"state " * 1000 and store.loads == 1
 
 
+async def test_a_vmstate1_reply_goes_before_the_signals_its_call_causes(bus_address, client):
+    """The reply is downtime, the signals are news: each call's State changes
+    and TransferFinished follow its reply (or error), in order."""
+    from dbus_fast import Message, MessageType
+
+    calls: list[Message] = []
+    seen: list[str] = []
+
+    def on_message(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "PropertiesChanged":
+            seen.append(msg.body[1]["State"].value)
+        elif msg.message_type is MessageType.SIGNAL and msg.member == "TransferFinished":
+            seen.append(f"finished {msg.body[1]}{' ' + msg.body[2] if msg.body[2] else ''}")
+        elif msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR) and any(
+            msg.reply_serial == c.serial for c in calls
+        ):
+            seen.append("error reply" if msg.message_type is MessageType.ERROR else "reply")
+
+    client.add_message_handler(on_message)
+    store = Store(random.Random(3).randbytes(512 << 10))
+    async with Backend("ordered", store.save, store.load, address=bus_address) as backend:
+        rule = f"type='signal',sender='{backend.unique_name}'"
+        await call(client, BUS_NAME, BUS_NAME, "AddMatch", "s", [rule], path="/org/freedesktop/DBus")
+
+        async def vmstate1(member: str, *body: bytes) -> Message:
+            msg = Message(destination=backend.unique_name, path=OBJECT_PATH, interface=VMSTATE1, member=member,
+                          signature="ay" if body else "", body=list(body))
+            calls.append(msg)
+            return await client.call(msg)
+
+        blob = (await vmstate1("Save")).body[0]
+        await vmstate1("Load", blob)
+        await vmstate1("Load", blob[:-1])  # truncated: refused with an error reply
+        for _ in range(100):
+            if seen.count("running") == 3:
+                break
+            await asyncio.sleep(0.02)
+    truncated = ErrorName.TRUNCATED.value
+    assert seen == ["reply", "saving", "running", "finished save",
+                    "reply", "resuming", "running", "finished load",
+                    "error reply", "resuming", "running", f"finished load {truncated}"]  # fmt: skip
+
+
 # -- how a blob is made: pure, no bus ------------------------------------------------
 
 

@@ -326,7 +326,7 @@ class Backend:
 
     def _announce_staged(self, job: Job) -> None:
         log.info("back-end %r: load #%d verified and staged, waiting for Commit", self.id, job.transfer.number)
-        self._vmstate2.LoadStaged(job.transfer.number)
+        self._vmstate2.emit(self._vmstate2.LoadStaged, job.transfer.number)
         if self._bus is not None and job.transfer.owner:
             job.owner_watch = OwnerWatch(self._bus, job.transfer.owner, lambda: self._owner_gone(job))
             self._spawn(job.owner_watch.start())
@@ -349,8 +349,9 @@ class Backend:
                      progress.records, progress.raw_bytes)
         else:
             log.warning("back-end %r: %s #%d failed: %s", self.id, transfer.operation, transfer.number, error)
-        self._vmstate2.TransferFinished(
-            transfer.number, transfer.operation, error.dbus_name.value if error else "", str(error) if error else "",
+        self._vmstate2.emit(
+            self._vmstate2.TransferFinished, transfer.number, transfer.operation,
+            error.dbus_name.value if error else "", str(error) if error else "",
             progress.records, progress.raw_bytes, progress.stream_bytes,
         )
 
@@ -461,7 +462,7 @@ class Backend:
         number = job.transfer.number
 
         def initial_sent() -> None:  # in the worker thread
-            loop.call_soon_threadsafe(self._vmstate2.InitialDataSent, number)
+            loop.call_soon_threadsafe(self._vmstate2.emit, self._vmstate2.InitialDataSent, number)
 
         job.control = PreCopyControl(initial_sent)
 
@@ -547,6 +548,10 @@ class Backend:
         self._handle(Event.RESET)
 
     # -- VMState1 -------------------------------------------------------------
+
+    def signals_after_reply(self, call: asyncio.Task[Any]) -> None:
+        """Send the signals of the VMState1 call ``call`` (its task) after its reply."""
+        self._vmstate2.hold_signals_until(call)
 
     async def save_inline(self) -> bytes:
         """VMState1 Save: the whole state as one blob of <= 1 MiB (backend/inline.py)."""

@@ -2,7 +2,8 @@
 
 # No "from __future__ import annotations": dbus-fast reads the D-Bus
 # signatures from the evaluated annotations.
-from typing import Protocol
+import asyncio
+from typing import Any, Protocol
 
 from dbus_fast.annotations import DBusBytes, DBusStr
 from dbus_fast.service import PropertyAccess, dbus_property, method
@@ -19,6 +20,7 @@ class Handler(Protocol):
 
     async def save_inline(self) -> bytes: ...
     async def load_inline(self, blob: bytes) -> None: ...
+    def signals_after_reply(self, call: "asyncio.Task[Any]") -> None: ...
 
 
 class VMState1Interface(DescribedInterface):
@@ -36,10 +38,14 @@ class VMState1Interface(DescribedInterface):
 
     @method()
     async def Save(self) -> DBusBytes:  # noqa: N802
+        # Each call is its own task in dbus-fast; its reply is downtime, so
+        # the signals it causes wait for it (VMState2Interface.hold_signals_until).
+        self._backend.signals_after_reply(asyncio.current_task())  # type: ignore[arg-type]
         with dbus_errors("VMState1 Save"):
             return await self._backend.save_inline()
 
     @method()
     async def Load(self, data: DBusBytes) -> None:  # noqa: N802
+        self._backend.signals_after_reply(asyncio.current_task())  # type: ignore[arg-type]
         with dbus_errors("VMState1 Load"):
             await self._backend.load_inline(data)

@@ -6,7 +6,10 @@ typed errors become D-Bus error replies in :func:`~.boundary.dbus_errors`.
 
 # No "from __future__ import annotations": dbus-fast reads the D-Bus
 # signatures from the evaluated annotations.
-from typing import Protocol
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusBool, DBusDict, DBusStr, DBusUInt64, DBusUnixFd
@@ -15,6 +18,8 @@ from dbus_fast.service import PropertyAccess, dbus_property, method, signal
 from ..names import VMSTATE2
 from .boundary import dbus_errors
 from .surface import EMITS_CHANGED, DescribedInterface
+
+log = logging.getLogger(__name__)
 
 
 class Handler(Protocol):
@@ -58,6 +63,8 @@ class VMState2Interface(DescribedInterface):
 
     def __init__(self, handler: Handler) -> None:
         self._handler = handler
+        self._held: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._holders: set[asyncio.Future[Any]] = set()
         super().__init__(VMSTATE2)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -147,4 +154,37 @@ class VMState2Interface(DescribedInterface):
         return transfer
 
     def state_changed(self, state: str) -> None:
-        self.emit_properties_changed({"State": state})
+        """Emit the ``State`` property's change (through :meth:`emit`, as every signal)."""
+        self.emit(self.emit_properties_changed, {"State": state})
+
+    def emit(self, signal: Callable[..., object], *args: Any) -> None:
+        """Send ``signal`` (one of this interface's) with ``args`` now, or,
+        while signals are held (:meth:`hold_signals_until`), in turn later."""
+        if self._holders:
+            self._held.append((signal, args))
+        else:
+            signal(*args)
+
+    def hold_signals_until(self, call: asyncio.Future[Any]) -> None:
+        """Hold every signal until ``call`` (the task dbus-fast runs a
+        method call in) is done and its reply sent, then send them in order.
+
+        A VMState1 call's reply is downtime; its ``State`` changes and its
+        TransferFinished are news for watchers, which can wait for a reply
+        of 1 MiB to go first (README "VMState1 inline").  dbus-fast sends the
+        reply from a done callback it adds to ``call`` before the call's
+        code runs; the one added here runs after it.
+        """
+        self._holders.add(call)
+        call.add_done_callback(self._release)
+
+    def _release(self, call: asyncio.Future[Any]) -> None:
+        self._holders.discard(call)
+        if self._holders:
+            return
+        held, self._held = self._held, []
+        try:
+            for emit, args in held:
+                emit(*args)
+        except Exception as exc:  # the bus went away: what it would have told is in Check
+            log.warning("back-end %r: signals not sent: %s", self._handler.id, exc)
