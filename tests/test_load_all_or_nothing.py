@@ -4,6 +4,7 @@ the file is read once."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -112,3 +113,50 @@ async def test_with_a_backend_without_two_phase_loads_the_file_is_verified_first
             await load_from_file(client, infos, image, progress)
         assert progress.phase == "verifying" and state["kept"] == b"old" * 1000
         os.unlink(image)
+
+
+@pytest.fixture
+async def two_files(bus_address, client, tmp_path):
+    """Two back-ends, a file of their states (3 MiB and 64 KiB, random), and what each loads."""
+    states = {"big": os.urandom(3 << 20), "small": os.urandom(64 << 10)}
+    loaded: dict[str, bytes] = {}
+
+    def backend(backend_id: str) -> Backend:
+        def load(records) -> None:
+            loaded[backend_id] = b"".join(records)
+
+        return Backend(backend_id, lambda: states[backend_id], load, address=bus_address)
+
+    async with backend("big"), backend("small"):
+        infos = await list_backends(client)
+        image = tmp_path / "vm.vmstate"
+        await save_to_file(client, infos, image)
+        yield infos, image, states, loaded
+
+
+async def test_the_vmm_moves_the_streams_without_reading_them(client, two_files, monkeypatch):
+    """The streams go from the file to the back-ends' pipes by splice(2): the
+    VMM itself reads only the file's header, index and segment headers."""
+    infos, image, states, loaded = two_files
+    read = []
+    original = SaveFileReader._read
+
+    def counted(self, offset, size, buffer=None):
+        read.append(size)
+        return original(self, offset, size, buffer)
+
+    monkeypatch.setattr(SaveFileReader, "_read", counted)
+    await load_from_file(client, infos, image)
+    assert loaded == states
+    assert sum(read) < 4096, f"the VMM read {sum(read)} bytes of a {image.stat().st_size}-byte file"
+
+
+async def test_a_file_system_without_splice_loads_by_copying(client, two_files, monkeypatch):
+    infos, image, states, loaded = two_files
+
+    def no_splice(*args, **kwargs):
+        raise OSError(errno.EINVAL, "splice not supported here")
+
+    monkeypatch.setattr(os, "splice", no_splice)
+    await load_from_file(client, infos, image)
+    assert loaded == states

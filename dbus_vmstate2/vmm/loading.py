@@ -24,6 +24,7 @@ timeout we give it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import threading
@@ -368,11 +369,31 @@ def _pump_from_file(
         BackendFailed: it read nothing for ``stall_timeout`` seconds.
         Cancelled: ``stop`` was set.
     """
+    waiter = PipeWaiter(fd, stall_timeout, stop, "the load")
+    copy_buffer: memoryview | None = None  # made if the file system cannot splice(2)
     total = 0
-    for data in reader.stream_chunks(stream, CHUNK, reuse=True):
-        write_all(fd, data, stall_timeout, stop, "the load")
-        total += len(data)
+    for offset, size in reader.stream_extents(stream, CHUNK):
+        end = offset + size
+        while offset < end:
+            if copy_buffer is not None:
+                data = reader.read(offset, end - offset, copy_buffer)
+                _write_all(fd, data, waiter)
+                offset += len(data)
+                continue
+            try:  # the bytes go from the page cache to the pipe, never through our memory
+                offset += reader.splice(offset, end - offset, fd)
+            except BlockingIOError:
+                waiter.wait()
+            except OSError as exc:
+                if exc.errno not in _CANNOT_SPLICE:
+                    raise
+                copy_buffer = memoryview(bytearray(CHUNK))
+        total += size
         progress.done[backend_id] = total
+
+
+_CANNOT_SPLICE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+"""What splice(2) fails with where a file system does not support it."""
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview, stall_timeout: float | None, stop: threading.Event,
@@ -384,24 +405,44 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, stall_timeout: floa
         BackendFailed: it read nothing for ``stall_timeout`` seconds.
         Cancelled: ``stop`` was set (seen within a quarter of a second).
     """
-    if os.get_blocking(fd):
-        os.set_blocking(fd, False)
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
+    _write_all(fd, data, PipeWaiter(fd, stall_timeout, stop, what))
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview, waiter: PipeWaiter) -> None:
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(fd, view):]
-            continue
         except BlockingIOError:
-            pass
+            waiter.wait()
+
+
+class PipeWaiter:
+    """Waits for a back-end's pipe ``fd`` (made non-blocking) to take more."""
+
+    def __init__(self, fd: int, stall_timeout: float | None, stop: threading.Event, what: str) -> None:
+        if os.get_blocking(fd):
+            os.set_blocking(fd, False)
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLOUT)
+        self._stall_timeout, self._stop, self._what = stall_timeout, stop, what
+
+    def wait(self) -> None:
+        """Return once the pipe takes more.
+
+        Raises:
+            BackendFailed: it read nothing for ``stall_timeout`` seconds.
+            Cancelled: ``stop`` was set (seen within a quarter of a second).
+        """
         waited = 0.0
-        while not poller.poll(250):  # a quarter of a second at a time: stop() is seen soon
-            if stop.is_set():
-                raise Cancelled(f"{what} was stopped")
+        while not self._poller.poll(250):  # a quarter of a second at a time: stop() is seen soon
+            if self._stop.is_set():
+                raise Cancelled(f"{self._what} was stopped")
             waited += 0.25
-            if stall_timeout is not None and waited >= stall_timeout:
+            if self._stall_timeout is not None and waited >= self._stall_timeout:
                 raise BackendFailed(
                     f"it has read nothing of its stream for {waited:g} s (is it stopped or hung?): gave up "
-                    f"after the stall timeout of {stall_timeout:g} s"
+                    f"after the stall timeout of {self._stall_timeout:g} s"
                 )
+
+

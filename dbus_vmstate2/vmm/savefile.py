@@ -47,6 +47,10 @@ from ..stream.container import (
 Buffer = bytes | bytearray | memoryview
 
 WRITEBACK_STEP = 64 << 20
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+"""Non-blocking on the pipe: a full pipe raises BlockingIOError, to be waited
+for with poll() (the file side may still wait for the disk)."""
 """The writer starts writeback of every this many bytes (see _put)."""
 
 
@@ -388,7 +392,46 @@ class SaveFileReader:
         buffer = memoryview(bytearray(chunk_size)) if reuse else None
         return (data for _, data in self._walk(stream, chunk_size, buffer))
 
+    def stream_extents(self, stream: int, chunk_size: int = 1 << 20) -> Iterator[tuple[int, int]]:
+        """Yield (file offset, size) of the pieces of one stream, in order,
+        without reading them: for :meth:`splice`.
+
+        Raises:
+            StreamError: as segments().
+        """
+        return ((offset, size) for _, offset, size in self._extents(stream, chunk_size))
+
+    def splice(self, offset: int, size: int, pipe: int) -> int:
+        """Move up to ``size`` bytes of the file at ``offset`` into ``pipe``
+        (its write end) without copying them through this process (splice(2)).
+
+        Returns:
+            How many bytes moved (at least 1).
+
+        Raises:
+            BlockingIOError: the pipe is full; nothing moved.
+            Truncated: the file ends before ``offset``.
+            OSError: as splice(2), e.g. BrokenPipeError.
+        """
+        moved = os.splice(self._fd, pipe, size, offset_src=offset, flags=_SPLICE_FLAGS)
+        if not moved:
+            raise Truncated(f"{self.path}: the file ends at {offset}, expected {size} more bytes there")
+        return moved
+
+    def read(self, offset: int, size: int, buffer: memoryview) -> memoryview:
+        """Read ``size`` bytes at ``offset`` (at most ``len(buffer)``) into ``buffer``; return the view of them.
+
+        Raises:
+            Truncated: the file ends before.
+        """
+        return self._read(offset, min(size, len(buffer)), buffer)  # type: ignore[return-value]
+
     def _walk(self, only: int | None, chunk_size: int, buffer: memoryview | None = None) -> Iterator[tuple[int, Buffer]]:
+        for stream, offset, size in self._extents(only, chunk_size):
+            yield stream, self._read(offset, size, buffer)
+
+    def _extents(self, only: int | None, chunk_size: int) -> Iterator[tuple[int, int, int]]:
+        """(stream, file offset, size) of every piece of the streams (of ``only``), in file order."""
         count = len(self.streams)
         seen_bytes, seen_segments = [0] * count, [0] * count
         pos = FILE_HEADER_SIZE
@@ -406,7 +449,7 @@ class SaveFileReader:
             seen_segments[stream] += 1
             if only is None or stream == only:
                 for start in range(pos, pos + length, chunk_size):
-                    yield stream, self._read(start, min(chunk_size, pos + length - start), buffer)
+                    yield stream, start, min(chunk_size, pos + length - start)
             pos += length
         for number, info in enumerate(self.streams):
             if (seen_bytes[number], seen_segments[number]) != (info.stream_bytes, info.segments):
