@@ -427,6 +427,28 @@ def one_line(code: int, err: str, expected: int | tuple[int, ...]) -> None:
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
+def assert_completed(m: Migration) -> None:
+    """migrate and incoming both succeed, and the state at quiesce moved exactly."""
+    code, err = finish(m.migrating, 60)
+    assert code == 0, err
+    code, err = finish(m.incoming.process, 30)
+    assert code == 0, err
+    assert_moved(m.reports)
+
+
+def assert_destination_failed(m: Migration, named: str, started: float, within: float = 30) -> None:
+    """incoming fails in one line saying ``named`` (exit 1), and tells the
+    source: migrate fails in one line (exit 4) with the destination's reason
+    and nothing applied, within 30 s of ``started``."""
+    code, err = finish(m.incoming.process, within)
+    one_line(code, err, 1)
+    assert named in err, err
+    code, err = finish(m.migrating, 30)
+    one_line(code, err, 4)
+    assert re.search(rf"the destination \(unix:\S+\) failed: .*{re.escape(named)}.*; nothing was applied", err), err
+    assert time.monotonic() - started < 30
+
+
 def assert_failed_cleanly(bus: PrivateBus, dest_bus: PrivateBus, m: Migration) -> None:
     """The source serves on with the state it had (never quiesced), the
     destination as it was (nothing loaded), no back-end leaked an fd and no
@@ -487,13 +509,7 @@ def test_the_destination_bus_killed_in_mid_migration(bus, dest_bus, backends, tm
     m = start_migration(backends, bus, dest_bus, tmp_path)
     started = time.monotonic()
     os.kill(dest_bus.pid, signal.SIGKILL)
-    code, err = finish(m.incoming.process, 60)
-    one_line(code, err, 1)
-    assert "the bus daemon went away" in err, err
-    code, err = finish(m.migrating, 30)
-    one_line(code, err, 4)
-    assert re.search(r"the destination \(unix:\S+\) failed: .*the bus daemon went away.*; nothing was applied", err), err
-    assert time.monotonic() - started < 30
+    assert_destination_failed(m, "the bus daemon went away", started, within=60)
     for backend_id, backend in m.dest.items():
         assert backend.process.wait(timeout=30) == 0
         assert events(m.reports[backend_id][1], "loaded") == []
@@ -512,11 +528,7 @@ def test_a_bus_stopped_then_continued_in_mid_migration(bus, dest_bus, backends, 
     completes, with the state the source had at quiesce."""
     m = start_migration(backends, bus, dest_bus, tmp_path)
     stopped_for((bus if side == "source" else dest_bus).pid, 2)
-    code, err = finish(m.migrating, 60)
-    assert code == 0, err
-    code, err = finish(m.incoming.process, 30)
-    assert code == 0, err
-    assert_moved(m.reports)
+    assert_completed(m)
     states = [b["state"] for b in json.loads(run(bus.address, "status", "--json").stdout)]
     assert states == ["stopped", "stopped"]  # the handover is done
     assert [b["state"] for b in json.loads(run(dest_bus.address, "status", "--json").stdout)] == ["running", "running"]
@@ -530,11 +542,7 @@ def test_a_helper_stopped_briefly_in_mid_migration(bus, dest_bus, backends, tmp_
     m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, source_args=BACKEND_STALL,
                         dest_args=BACKEND_STALL, incoming_args=tuple(TIMEOUTS))  # fmt: skip
     stopped_for((m.migrating if side == "source" else m.incoming.process).pid, 1)
-    code, err = finish(m.migrating, 60)
-    assert code == 0, err
-    code, err = finish(m.incoming.process, 30)
-    assert code == 0, err
-    assert_moved(m.reports)
+    assert_completed(m)
     assert_no_fd_leaked(m, m.backends())
     no_zombies(*(b.process.pid for b in m.backends()))
 
@@ -611,13 +619,7 @@ def test_a_destination_backend_killed_in_mid_migration(bus, dest_bus, backends, 
     started = time.monotonic()
     victim.process.kill()
     victim.process.wait()
-    code, err = finish(m.incoming.process, 30)
-    one_line(code, err, 1)
-    assert "back-end 'fs'" in err, err
-    code, err = finish(m.migrating, 30)
-    one_line(code, err, 4)
-    assert re.search(r"the destination \(unix:\S+\) failed: .*back-end 'fs'.*; nothing was applied", err), err
-    assert time.monotonic() - started < 30
+    assert_destination_failed(m, "back-end 'fs'", started)
     m.assert_nothing_left()
     assert_source_serves_on(bus.address, m.reports)
     for backend_id, (src, _) in m.reports.items():
@@ -634,11 +636,7 @@ def test_a_backend_stopped_briefly_in_mid_migration(bus, dest_bus, backends, tmp
     m = start_migration(backends, bus, dest_bus, tmp_path, *TIMEOUTS, source_args=BACKEND_STALL,
                         dest_args=BACKEND_STALL, incoming_args=tuple(TIMEOUTS))  # fmt: skip
     stopped_for((m.source if side == "source" else m.dest)["fs"].process.pid, 1)
-    code, err = finish(m.migrating, 60)
-    assert code == 0, err
-    code, err = finish(m.incoming.process, 30)
-    assert code == 0, err
-    assert_moved(m.reports)
+    assert_completed(m)
     assert_no_fd_leaked(m, m.backends())
     no_zombies(*(b.process.pid for b in m.backends()))
 
