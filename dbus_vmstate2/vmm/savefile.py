@@ -378,19 +378,13 @@ class SaveFileReader:
         """
         return self._walk(None, chunk_size)
 
-    def stream_chunks(self, stream: int, chunk_size: int = 1 << 20, *, reuse: bool = False) -> Iterator[Buffer]:
+    def stream_chunks(self, stream: int, chunk_size: int = 1 << 20) -> Iterator[Buffer]:
         """Yield the bytes of one stream, in order, skipping the others.
-
-        Args:
-            reuse: read every chunk into one buffer, and yield views of it:
-                each is valid only until the next is asked for (no memory is
-                allocated, and faulted in, per chunk).
 
         Raises:
             StreamError: as segments().
         """
-        buffer = memoryview(bytearray(chunk_size)) if reuse else None
-        return (data for _, data in self._walk(stream, chunk_size, buffer))
+        return (data for _, data in self._walk(stream, chunk_size))
 
     def stream_extents(self, stream: int, chunk_size: int = 1 << 20) -> Iterator[tuple[int, int]]:
         """Yield (file offset, size) of the pieces of one stream, in order,
@@ -426,9 +420,9 @@ class SaveFileReader:
         """
         return self._read(offset, min(size, len(buffer)), buffer)  # type: ignore[return-value]
 
-    def _walk(self, only: int | None, chunk_size: int, buffer: memoryview | None = None) -> Iterator[tuple[int, Buffer]]:
+    def _walk(self, only: int | None, chunk_size: int) -> Iterator[tuple[int, Buffer]]:
         for stream, offset, size in self._extents(only, chunk_size):
-            yield stream, self._read(offset, size, buffer)
+            yield stream, self._read(offset, size)
 
     def _extents(self, only: int | None, chunk_size: int) -> Iterator[tuple[int, int, int]]:
         """(stream, file offset, size) of every piece of the streams (of ``only``), in file order."""
