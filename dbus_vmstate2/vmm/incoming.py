@@ -282,13 +282,19 @@ async def _demux(
 
     try:
         while end is None:
-            data = leftover or await conn.recv(READ_SIZE, timeouts.io)
+            try:
+                data = leftover or await conn.recv(READ_SIZE, timeouts.io)
+            except LinkFailed as exc:
+                # A source that exits with our PROGRESS messages unread in its
+                # socket resets the connection instead of closing it (the
+                # kernel's choice), and a PROGRESS sent then meets a broken
+                # pipe: the same end as a close, said the same way.
+                if not isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError):
+                    raise
+                raise _source_gone(conn, reader, "was reset") from exc
             leftover = b""
             if not data:
-                raise LinkFailed(
-                    f"the connection from {conn.peer} ended after {reader.offset} bytes, before the end of the "
-                    "container: the source gave up or was killed"
-                )
+                raise _source_gone(conn, reader, "ended")
             reader.feed(data)
             pieces: list[SegmentData] = []
             while (event := reader.next_event()) is not NEED_DATA:
@@ -315,6 +321,13 @@ async def _demux(
             if not delivering.cancelled():
                 delivering.exception()
     return _verify(end, skim, ids)
+
+
+def _source_gone(conn: Connection, reader: ContainerReader, how: str) -> LinkFailed:
+    return LinkFailed(
+        f"the connection from {conn.peer} {how} after {reader.offset} bytes, before the end of the container: "
+        "the source gave up or was killed"
+    )
 
 
 def _deliver(
