@@ -8,16 +8,23 @@ a back-end that answered ``dbus-vmstate2 status`` while its 1 MiB VMState1
 Save reply was being written lost its bus (tests/test_vmstate1.py).  The
 writer here is dbus-fast's own, but a full socket makes it wait for the
 loop to say the socket takes more, as a non-blocking writer should.
+
+It also fails cleanly where dbus-fast does not: a send that breaks the
+socket fails the call that made it and nothing else (dbus-fast leaves an
+unretrieved future that prints a traceback when collected), and a send on a
+closed connection raises at once (tests/test_bus.py).
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
+import errno
 import socket
 
-from dbus_fast import BusType
+from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
-from dbus_fast.aio.message_bus import _future_set_exception, _future_set_result, _MessageWriter
+from dbus_fast.aio.message_bus import _future_set_result, _MessageWriter
 
 
 class _PatientWriter(_MessageWriter):
@@ -53,11 +60,39 @@ class _PatientWriter(_MessageWriter):
             # makes us the writer, since a message is still pending.
             return
         except Exception as e:
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        """The socket broke: fail this send and every queued one, then the connection.
+
+        dbus-fast's ``call()`` drops the future of its send and hears of the
+        failure through its reply handler, which ``_finalize()`` fails; so a
+        failed future is marked retrieved here, or its collection prints
+        "Future exception was never retrieved" on stderr.  The buffer and
+        the queue go too, so that ``schedule_write()`` does not then ask the
+        loop to watch the closed socket's fd.
+        """
+        failed = [self.fut, *(fut for _, _, fut in self.messages)]
+        self.messages.clear()
+        self.buf = None
+        for fut in failed:
             if self.bus._user_disconnect:
-                _future_set_result(self.fut, None)
-            else:
-                _future_set_exception(self.fut, e)
-            self.bus._finalize(e)
+                _future_set_result(fut, None)
+            elif fut is not None and not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: whoever awaits it still gets the error
+        self.bus._finalize(error)
+
+    def schedule_write(self, msg: Message | None = None, future: asyncio.Future | None = None) -> None:
+        """dbus-fast's, but a closed connection refuses at once.
+
+        dbus-fast would try the closed socket, then ask the loop to watch its
+        fd, whose number may by then be another file's; and a call's reply
+        handler, installed after the connection failed, would wait forever.
+        """
+        if self.bus._disconnected:
+            raise BrokenPipeError(errno.EPIPE, "the connection to the bus is closed")
+        super().schedule_write(msg, future)
 
 
 async def open_bus(address: str | None) -> MessageBus:
