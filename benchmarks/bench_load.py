@@ -2,7 +2,7 @@
 
 Run (after `source scripts/setup.sh` made .venv):
 
-    .venv/bin/python benchmarks/bench_load.py [--sizes 1G] [--linear 256M,1G,2G,4G] [--runs 3] [--quick]
+    .venv/bin/python benchmarks/bench_load.py [--sizes 1G] [--linear 256M,1G,2G,4G] [--runs 5] [--quick]
 
 A load is what the VM waits for on the destination.  For each state kind
 (``random``: pseudo-random bytes, as memstate makes them; ``compressible``:
@@ -22,13 +22,20 @@ before), this times, in turn, in the same run:
   state), the limit for a compressed load;
 - ``load zstd``: the same load of a file saved with zstd (level 1).
 
-The ratio is the baseline's time over the load's (1.0: as fast; the target
-is at least 0.8).  Beside the times: page faults per GiB of state (minor
-faults, of the VMM helper and of the back-end during the load) and peak
-memory (the VMM's ru_maxrss; the back-end's VmHWM growth over its state).
-``--linear`` times the warm uncompressed load of random state at several
-sizes, to show that its time per GiB is flat.  The best of --runs is taken;
-no figure is asserted.
+Each round times every case once, baseline then load, so that both sides of
+a ratio meet the same state of the machine; the figures are medians over
+the rounds (--runs).  The ratio is the median baseline time over the median
+load time (1.0: as fast; the target is at least 0.8), and beside it the
+range of the rounds' own ratios.  Beside the times: the system time of each
+side (the baseline's two processes; the VMM helper and the back-end), page
+faults per GiB of state (minor faults, of the VMM helper and of the
+back-end during the load) and peak memory (the VMM's ru_maxrss; the
+back-end's VmHWM growth over its state).  On a virtual machine whose
+balloon reports freed memory to its host, first-touched memory and page
+cache cost the host's faults, and the system times show how much of a
+round that was.  ``--linear`` times the warm uncompressed load of random
+state at several sizes, to show that its time per GiB is flat (best of
+--runs).  No figure is asserted.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -43,6 +51,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -99,8 +108,9 @@ def warm_cache(path: Path) -> None:
             pass
 
 
-def pipeline(first: list[str], size: int) -> float:
-    """Seconds for ``first | consumer``; checks the consumer got ``size`` bytes."""
+def pipeline(first: list[str], size: int) -> dict[str, float]:
+    """Seconds and system seconds of ``first | consumer``; checks the consumer got ``size`` bytes."""
+    system_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
     t0 = time.perf_counter()
     producer = subprocess.Popen(first, stdout=subprocess.PIPE)
     consumer = subprocess.run([sys.executable, "-c", _CONSUMER], stdin=producer.stdout, capture_output=True, text=True)
@@ -109,22 +119,24 @@ def pipeline(first: list[str], size: int) -> float:
     seconds = time.perf_counter() - t0
     if consumer.returncode or producer.returncode or int(consumer.stdout) != size:
         raise RuntimeError(f"{' '.join(first)} | consumer failed: {consumer.stderr}")
-    return seconds
+    return {"seconds": seconds, "system": resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime - system_before}
 
 
-def minflt(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+def proc_stat(pid: int) -> tuple[int, float]:
+    """Minor faults and system seconds of a running process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_load(address: str, path: Path, backend_id: str, log: Path) -> dict[str, float]:
-    """One load into a fresh back-end: seconds, faults per GiB and memory of both sides."""
+    """One load into a fresh back-end: seconds, system seconds, faults and memory of both sides."""
     argv = [sys.executable, "-m", "dbus_vmstate2.examples.memstate", "--address", address, "--id", backend_id,
             "--dbus-incoming"]  # fmt: skip
     with backend_process(argv, log) as backend:
         pid = backend.process.pid
         rss_before = proc_status(pid)["VmRSS"]
         reset_hwm(pid)
-        faults_before = minflt(pid)
+        faults_before, system_before = proc_stat(pid)
         with log.open("a") as out:
             t0 = time.perf_counter()
             process = subprocess.Popen([sys.executable, "-m", "dbus_vmstate2", "load", str(path), "--address", address],
@@ -134,10 +146,12 @@ def timed_load(address: str, path: Path, backend_id: str, log: Path) -> dict[str
         if os.waitstatus_to_exitcode(status):
             raise RuntimeError(f"load of {path} failed; see {log}")
         after = proc_status(pid)
+        faults, system = proc_stat(pid)
         return {
             "seconds": seconds,
+            "system": usage.ru_stime + system - system_before,
             "vmm_faults": usage.ru_minflt,
-            "backend_faults": minflt(pid) - faults_before,
+            "backend_faults": faults - faults_before,
             "vmm_rss": usage.ru_maxrss * 1024,
             "backend_growth": after["VmHWM"] - rss_before,
         }
@@ -155,11 +169,25 @@ def per_gib(value: float, size: int) -> float:
     return value / (size / GiB)
 
 
+def print_row(kind: str, size: int, case: tuple[str, str], bases: list[dict[str, float]],
+              loads: list[dict[str, float]]) -> None:  # fmt: skip
+    """One table row: medians over the rounds, the rounds' ratios, and the median load's faults and memory."""
+    cache, compression = case
+    base, load = (median(run["seconds"] for run in runs) for runs in (bases, loads))
+    ratios = sorted(b["seconds"] / l["seconds"] for b, l in zip(bases, loads, strict=True))
+    typical = sorted(loads, key=lambda run: run["seconds"])[len(loads) // 2]
+    print(f"| {kind} | {size // MiB} MiB | {cache} | {'raw pipe' if compression == 'none' else 'zstd -dc'} "
+          f"| {base:.2f} ({median(b['system'] for b in bases):.2f}) | {load:.2f} ({median(l['system'] for l in loads):.2f}) "
+          f"| {base / load:.2f} | {ratios[0]:.2f} to {ratios[-1]:.2f} "
+          f"| {per_gib(typical['vmm_faults'] * 4096, size) / GiB:.2f} GiB | {per_gib(typical['backend_faults'] * 4096, size) / GiB:.2f} GiB "
+          f"| {typical['vmm_rss'] / MiB:.0f} MiB | {typical['backend_growth'] / size:.2f}x |", flush=True)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1G", help="state sizes compared with the baselines (default 1G)")
     parser.add_argument("--linear", default="256M,1G,2G,4G", help="sizes of the linearity run (default 256M,1G,2G,4G)")
-    parser.add_argument("--runs", type=int, default=3, help="runs, best taken (default 3)")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved rounds, medians taken (default 5)")
     parser.add_argument("--tmpdir", help="where the files go (default: the system's temporary directory)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 1 run, linear 32M,64M")
     args = parser.parse_args(argv)
@@ -174,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-load-", dir=args.tmpdir)))
         log = work / "processes.log"
         bus = stack.enter_context(PrivateBus())
-        print(f"bench_load: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, best of {args.runs}, "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
-        print("| state | size | cache | baseline | baseline s | load s | ratio | faults/GiB VMM | faults/GiB back-end | VMM peak RSS | back-end growth / state |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"bench_load: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, medians of {args.runs} "
+              f"interleaved rounds, load average {os.getloadavg()[0]:.2f}", flush=True)
+        print("| state | size | cache | baseline | baseline s (system) | load s (system) | ratio of medians | rounds' ratios "
+              "| faults/GiB VMM | faults/GiB back-end | VMM peak RSS | back-end growth / state |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for kind in ("random", "compressible"):
             for size in sizes:
                 state = work / f"{kind}.state"
@@ -186,24 +215,21 @@ def main(argv: list[str] | None = None) -> int:
                 files = {c: work / f"{kind}-{c}.vms" for c in ("none", "zstd")}
                 for compression, path in files.items():
                     saved_file(bus.address, state, compression, path, log)
-                for cache in ("cold", "warm"):
-                    for compression, path in files.items():
+                cases = [(cache, compression) for cache in ("cold", "warm") for compression in files]
+                bases: dict[tuple[str, str], list[dict[str, float]]] = {case: [] for case in cases}
+                loads: dict[tuple[str, str], list[dict[str, float]]] = {case: [] for case in cases}
+                for _ in range(args.runs):
+                    for cache, compression in cases:
+                        path = files[compression]
                         source = state if compression == "none" else Path(f"{state}.zst")
                         first = ["cat", str(source)] if compression == "none" else ["zstd", "-dc", str(source)]
-                        best_base, best = float("inf"), None
-                        for _ in range(args.runs):
-                            for f in (source, path):
-                                drop_cache(f) if cache == "cold" else warm_cache(f)
-                            best_base = min(best_base, pipeline(first, size))
-                            drop_cache(path) if cache == "cold" else warm_cache(path)
-                            run = timed_load(bus.address, path, "bench", log)
-                            if best is None or run["seconds"] < best["seconds"]:
-                                best = run
-                        base = "raw pipe" if compression == "none" else "zstd -dc"
-                        print(f"| {kind} | {size // MiB} MiB | {cache} | {base} | {best_base:.2f} | {best['seconds']:.2f} | "
-                              f"{best_base / best['seconds']:.2f} | {per_gib(best['vmm_faults'] * 4096, size) / GiB:.2f} GiB | "
-                              f"{per_gib(best['backend_faults'] * 4096, size) / GiB:.2f} GiB | {best['vmm_rss'] / MiB:.0f} MiB | "
-                              f"{best['backend_growth'] / size:.2f}x |", flush=True)  # fmt: skip
+                        for f in (source, path):
+                            drop_cache(f) if cache == "cold" else warm_cache(f)
+                        bases[cache, compression].append(pipeline(first, size))
+                        drop_cache(path) if cache == "cold" else warm_cache(path)
+                        loads[cache, compression].append(timed_load(bus.address, path, "bench", log))
+                for case in cases:
+                    print_row(kind, size, case, bases[case], loads[case])
                 for f in (state, Path(f"{state}.zst"), *files.values()):
                     f.unlink()
         print()
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             best_load = best_raw = float("inf")
             for _ in range(args.runs):
                 warm_cache(state)
-                best_raw = min(best_raw, pipeline(["cat", str(state)], size))
+                best_raw = min(best_raw, pipeline(["cat", str(state)], size)["seconds"])
                 warm_cache(path)
                 best_load = min(best_load, timed_load(bus.address, path, "bench", log)["seconds"])
             print(f"| {size // MiB} MiB | {best_load:.2f} | {per_gib(best_load, size):.2f} | {per_gib(best_raw, size):.2f} |",
