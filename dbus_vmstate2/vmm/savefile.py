@@ -412,6 +412,13 @@ class SaveFileReader:
             raise Truncated(f"{self.path}: the file ends at {offset}, expected {size} more bytes there")
         return moved
 
+    def read_ahead(self, offset: int, size: int) -> None:
+        """Ask the kernel to read ``size`` bytes at ``offset`` into the page
+        cache in the background (``POSIX_FADV_WILLNEED``), without waiting for it.
+        Advice only: nothing else changes whether it is taken or not."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+
     def read(self, offset: int, size: int, buffer: memoryview) -> memoryview:
         """Read ``size`` bytes at ``offset`` (at most ``len(buffer)``) into ``buffer``; return the view of them.
 
