@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -316,3 +319,44 @@ def test_the_footer_rules(tmp_path):
     with_footer(8, len(good) - 24 - 8)
     with pytest.raises(Malformed, match="expected it at 16 or later"):
         SaveFileReader(path)
+
+
+def _cached(path, offset: int, size: int) -> bool:
+    """Whether every page of ``size`` bytes at ``offset`` is in the page
+    cache, by mincore(2): it reads nothing, so it starts no read-ahead (a
+    read that may not wait, RWF_NOWAIT, starts one)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        start = (ctypes.c_char * len(mapped)).from_buffer(mapped)  # ACCESS_COPY: writable, so it has an address
+        try:
+            resident = (ctypes.c_ubyte * ((len(mapped) + page - 1) // page))()
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(len(mapped)), resident):
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del start
+    return all(flag & 1 for flag in resident[offset // page : (offset + size + page - 1) // page])
+
+
+def test_read_ahead_brings_a_cold_part_of_the_file_into_the_page_cache(tmp_path):
+    """What `load` asks of the kernel ahead of its splice (vmm/loading.py,
+    READ_AHEAD): the part asked for is read in the background; advice only,
+    so asking past the end of the file is no error."""
+    path = tmp_path / "vm.state"
+    save(path, {"big": encode_stream("big", [os.urandom(1 << 20) for _ in range(8)], Compression.NONE)},
+         piece=1 << 20)  # fmt: skip
+    with SaveFileReader(path) as r:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if _cached(path, 4 << 20, 2 << 20):
+            pytest.skip("this file system keeps the file in memory (tmpfs?): it cannot be made cold")
+        r.read_ahead(4 << 20, 2 << 20)
+        r.read_ahead(os.path.getsize(path), 1 << 20)  # past the end: nothing to read, no error
+        deadline = time.monotonic() + 10
+        while not _cached(path, 4 << 20, 2 << 20) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _cached(path, 4 << 20, 2 << 20)
