@@ -346,12 +346,9 @@ def test_read_ahead_brings_a_cold_part_of_the_file_into_the_page_cache(tmp_path)
     save(path, {"big": encode_stream("big", [os.urandom(1 << 20) for _ in range(8)], Compression.NONE)},
          piece=1 << 20)  # fmt: skip
     with SaveFileReader(path) as r:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        with open(path, "rb") as file:  # out of the page cache
+            os.fsync(file.fileno())
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         if _cached(path, 4 << 20, 2 << 20):
             pytest.skip("this file system keeps the file in memory (tmpfs?): it cannot be made cold")
         r.read_ahead(4 << 20, 2 << 20)
