@@ -41,10 +41,14 @@ def dest_bus():
 
 
 def link_failure(err: str, peer: str) -> bool:
-    """A cut link, as the source reports it: our I/O timeout, or the kernel's
-    TCP_USER_TIMEOUT (set from it) ending the connection first."""
+    """A cut link, as the source reports it: our I/O timeout, the kernel's
+    TCP_USER_TIMEOUT (set from it) ending the connection first, or the
+    kernel's own word that the link's route is gone (ENETUNREACH, EHOSTUNREACH:
+    the source's end of the link went down too)."""
     return f"tcp:{peer}:4444" in err and any(
-        words in err for words in ("took nothing for 3 s (the I/O timeout)", "Connection timed out", "or the link failed")
+        words in err
+        for words in ("took nothing for 3 s (the I/O timeout)", "Connection timed out", "or the link failed",
+                      "Network is unreachable", "No route to host")  # fmt: skip
     )
 
 
