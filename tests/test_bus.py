@@ -18,6 +18,12 @@ from dbus_fast import Message
 from dbus_vmstate2.bus import open_bus
 
 
+def get_id() -> Message:
+    """A call any bus daemon answers (a new one each time: a sent message keeps its serial)."""
+    return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                   interface="org.freedesktop.DBus", member="GetId")  # fmt: skip
+
+
 async def test_a_call_whose_send_breaks_fails_and_logs_nothing(bus_address):
     loop = asyncio.get_running_loop()
     logged: list[dict] = []
@@ -29,10 +35,8 @@ async def test_a_call_whose_send_breaks_fails_and_logs_nothing(bus_address):
         # the daemon hang up: the order in which a killed bus daemon is
         # noticed by a connection that was about to send.
         bus._sock.shutdown(socket.SHUT_WR)
-        ask = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                      interface="org.freedesktop.DBus", member="GetId")
         with pytest.raises(BrokenPipeError):
-            await bus.call(ask)
+            await bus.call(get_id())
         with pytest.raises(BrokenPipeError):
             await bus.wait_for_disconnect()
         del bus
@@ -49,7 +53,5 @@ async def test_a_call_on_a_closed_connection_fails_at_once(bus_address):
     bus = await open_bus(bus_address)
     bus.disconnect()
     await bus.wait_for_disconnect()
-    ask = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                  interface="org.freedesktop.DBus", member="GetId")
     with pytest.raises(BrokenPipeError, match="the connection to the bus is closed"):
-        await asyncio.wait_for(bus.call(ask), 5)
+        await asyncio.wait_for(bus.call(get_id()), 5)
