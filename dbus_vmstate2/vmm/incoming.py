@@ -291,10 +291,10 @@ async def _demux(
                 # pipe: the same end as a close, said the same way.
                 if not isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError):
                     raise
-                raise _source_gone(conn, reader, "was reset") from exc
+                raise _source_gone(conn, reader) from exc
             leftover = b""
             if not data:
-                raise _source_gone(conn, reader, "ended")
+                raise _source_gone(conn, reader)
             reader.feed(data)
             pieces: list[SegmentData] = []
             while (event := reader.next_event()) is not NEED_DATA:
@@ -323,9 +323,9 @@ async def _demux(
     return _verify(end, skim, ids)
 
 
-def _source_gone(conn: Connection, reader: ContainerReader, how: str) -> LinkFailed:
+def _source_gone(conn: Connection, reader: ContainerReader) -> LinkFailed:
     return LinkFailed(
-        f"the connection from {conn.peer} {how} after {reader.offset} bytes, before the end of the container: "
+        f"the connection from {conn.peer} ended after {reader.offset} bytes, before the end of the container: "
         "the source gave up or was killed"
     )
 
