@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import random
 import struct
 import subprocess
 import sys
@@ -31,7 +32,17 @@ from dbus_vmstate2.errors import (
     Truncated,
     UnsupportedVersion,
 )
-from dbus_vmstate2.stream import NEED_DATA, Compression, RecordType, StreamDecoder, _format, decode_stream, encode_stream
+from dbus_vmstate2.stream import (
+    NEED_DATA,
+    CompressedRecord,
+    Compression,
+    Record,
+    RecordType,
+    StreamDecoder,
+    _format,
+    decode_stream,
+    encode_stream,
+)
 from dbus_vmstate2.stream._format import pack_header, pack_record, pack_trailer_fields, zstd_check
 
 # docs/stream-format.md §8: the same vectors, byte for byte.
@@ -175,6 +186,55 @@ def test_every_single_bit_flip_is_detected(name):
         bad[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(StreamError):
             decode_stream(bytes(bad))
+
+
+def decode_deferred(data: bytes) -> list[Record]:
+    """Decode with ``decompress=False``, decompressing each record as it comes."""
+    dec = StreamDecoder(decompress=False)
+    dec.feed(data)
+    dec.feed_eof()
+    records = []
+    while (event := dec.next_event()) is not NEED_DATA:
+        if isinstance(event, CompressedRecord):
+            event = event.decompress()
+        if isinstance(event, Record):
+            records.append(event)
+    return records
+
+
+@pytest.mark.parametrize("name", ["zstd", "vector zstd"])
+def test_deferred_decompression_gives_the_same_records_and_catches_every_flip(name):
+    data = SAMPLES["zstd"] if name == "zstd" else VECTOR_ZSTD
+    assert decode_deferred(data) == decode_stream(data).records
+    for bit in range(len(data) * 8):
+        bad = bytearray(data)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(StreamError):
+            decode_deferred(bytes(bad))
+
+
+def test_a_deferred_frame_is_verified_by_its_decompress_not_by_the_decoder():
+    # The digest covers headers only: a flip inside a frame passes the
+    # decoder, trailer and all, and is caught when the record is decompressed.
+    state = random.Random(3).randbytes(5000) * 3  # compresses to about 5 KB
+    data = bytearray(encode_stream("vm0", [state], Compression.ZSTD))
+    header = StreamDecoder()
+    header.feed(bytes(data))
+    at = header.next_event().size + _format.RECORD_HEADER_SIZE
+    data[at + 2000] ^= 0x01  # inside the frame, past the header fields its check covers
+    dec = StreamDecoder(decompress=False)
+    dec.feed(bytes(data))
+    dec.feed_eof()
+    events = []
+    while (event := dec.next_event()) is not NEED_DATA:
+        events.append(event)
+    [record] = [e for e in events if isinstance(e, CompressedRecord)]
+    assert record.raw_size == 15000 and 5000 < record.wire_size == len(record.frame) < 15000
+    assert dec.done
+    with pytest.raises(Corrupt, match="record 0"):
+        record.decompress()
+    uncompressed = encode_stream("vm0", [b"abc"], Compression.NONE)
+    assert decode_deferred(uncompressed) == decode_stream(uncompressed).records  # CRC-32 checked in the decoder
 
 
 def test_skim_detects_flips_outside_payloads():
@@ -369,9 +429,10 @@ SEEDS = [VECTOR_EMPTY, VECTOR_NONE, VECTOR_ZSTD, SAMPLES["zstd"]]
                    max_size=6),  # fmt: skip
     cut=st.none() | st.integers(0, 400),
     payloads=st.booleans(),
+    decompress=st.booleans(),
     expected=st.sampled_from([None, "vm0", "other"]),
 )
-def test_fuzz_decodes_or_raises_stream_error(seed, edits, cut, payloads, expected):
+def test_fuzz_decodes_or_raises_stream_error(seed, edits, cut, payloads, decompress, expected):
     data = bytearray(seed)
     for pos, op, blob in edits:
         pos %= len(data) + 1
@@ -383,15 +444,19 @@ def test_fuzz_decodes_or_raises_stream_error(seed, edits, cut, payloads, expecte
             data[pos:pos] = blob
     if cut is not None:
         del data[cut:]
-    dec = StreamDecoder(expected, payloads=payloads)
+    dec = StreamDecoder(expected, payloads=payloads, decompress=decompress)
+
+    def drain() -> None:
+        while (event := dec.next_event()) is not NEED_DATA:
+            if isinstance(event, CompressedRecord):
+                event.decompress()
+
     try:
         for i in range(0, len(data), 13):
             dec.feed(bytes(data[i : i + 13]))
-            while dec.next_event() is not NEED_DATA:
-                pass
+            drain()
         dec.feed_eof()
-        while dec.next_event() is not NEED_DATA:
-            pass
+        drain()
     except StreamError as exc:
         message = str(exc)
         assert "codec" not in message and "Compression." not in message and "RecordType." not in message

@@ -9,10 +9,21 @@ import subprocess
 import pytest
 from dbus_fast import Message, MessageType, Variant
 
-from dbus_vmstate2.errors import BackendFailed, Busy, Cancelled, ErrorName, IdMismatch, InvalidState, StreamError, Unsupported
+from dbus_vmstate2.errors import (
+    BackendFailed,
+    Busy,
+    Cancelled,
+    Corrupt,
+    ErrorName,
+    IdMismatch,
+    InvalidState,
+    StreamError,
+    Unsupported,
+)
 from dbus_vmstate2.examples.memstate import deterministic_state
 from dbus_vmstate2.names import OBJECT_PATH, VMSTATE2
-from dbus_vmstate2.stream import decode_stream
+from dbus_vmstate2.stream import NEED_DATA, StreamDecoder, decode_stream
+from dbus_vmstate2.stream._format import RECORD_HEADER_SIZE
 from dbus_vmstate2.vmm import connect, list_backends
 from dbus_vmstate2.vmm.calls import PROPERTIES, call
 
@@ -256,6 +267,52 @@ async def test_failing_load_callable_moves_to_error_until_reset(bus_address, cli
         with pytest.raises(InvalidState):
             await start(client, backend, "Save", lone_end(write=True))
         await call(client, backend.unique_name, VMSTATE2, "Reset")
+        assert await get_state(client, backend) == "running"
+
+
+def frame_offsets(stream: bytes) -> list[tuple[int, int]]:
+    """(offset, length) in ``stream`` of each record's payload on the wire."""
+    decoder = StreamDecoder()
+    decoder.feed(stream)
+    decoder.feed_eof()
+    header = decoder.next_event()
+    found, at = [], header.size
+    while (event := decoder.next_event()) is not NEED_DATA:
+        if hasattr(event, "wire_size"):
+            found.append((at + RECORD_HEADER_SIZE, event.wire_size))
+            at += RECORD_HEADER_SIZE + event.wire_size
+    return found
+
+
+async def test_a_damaged_zstd_record_reaches_the_daemon_as_the_streams_error(bus_address, client):
+    # The back-end decompresses, and so verifies, a zstd record in the
+    # daemon's thread just before handing it over (backend/transfers.py): the
+    # daemon gets the records before the damaged one, then Corrupt from the
+    # iterator, never the damaged record's bytes; and the load fails as the
+    # stream's fault, not the daemon's.
+    from dbus_vmstate2.backend import Backend
+
+    blocks = [bytes(range(n, 256)) * 500 for n in range(4)]  # compressible: one zstd frame each
+    seen, raised = [], []
+
+    def load(records):
+        try:
+            for payload in records:
+                seen.append(bytes(payload))
+        except StreamError as exc:
+            raised.append(exc)
+            raise
+
+    async with Backend("damaged", lambda: iter(blocks), load, address=bus_address):
+        [backend] = await list_backends(client)
+        stream = bytearray(await save_bytes(client, backend))  # zstd, the default
+        offset, length = frame_offsets(stream)[2]
+        stream[offset + length // 2] ^= 0x10
+        number = await load_bytes(client, backend, bytes(stream))
+        with pytest.raises(Corrupt, match="record 2"):
+            await wait_finished(client, backend, number)
+        assert seen == blocks[:2]
+        assert [type(exc) for exc in raised] == [Corrupt]
         assert await get_state(client, backend) == "running"
 
 

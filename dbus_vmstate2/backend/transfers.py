@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import BackendFailed, Malformed, Unsupported, VMStateError, quote
-from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
+from ..stream import NEED_DATA, Compression, CompressedRecord, Record, RecordType, StreamDecoder, StreamEncoder, StreamEnd
 from ..stream._format import MAX_LEVEL, MIN_LEVEL
 from .channel import Channel
 from .boundary import daemon_failed, option_values
@@ -27,7 +27,7 @@ from .staging import StagedGate
 log = logging.getLogger("dbus_vmstate2.backend")
 
 READ_AHEAD = 2
-"""Verified records a load reads ahead of the daemon."""
+"""Records a load reads ahead of the daemon."""
 
 
 @dataclass
@@ -248,13 +248,17 @@ class _RecordReader:
     """Reads and verifies the stream ahead of the daemon, and yields its records.
 
     A second worker thread (``submit``) reads each record into a buffer of
-    its own and verifies it (CRC-32 or zstd, both of which release the GIL)
-    while the daemon consumes the one before: reading, checking and the
-    daemon's own work overlap, as a save's encoding and writing do.  At most
-    :data:`READ_AHEAD` verified records wait for the daemon, so memory stays
-    at a few records.  The end of the stream (its trailer verified and the
-    end of file seen) is yielded to no one: the record iterator just ends,
-    after a two-phase load's Commit.
+    its own and checks it (its framing, and an uncompressed payload's
+    CRC-32) while the daemon consumes the one before.  A zstd record is
+    decompressed, and so verified, in the daemon's thread just before it is
+    handed over: the reads, which first touch the page cache, overlap the
+    decompression, which first touches the memory the daemon keeps, as
+    ``zstd -dc`` overlaps them with its asynchronous reads (benchmarks/
+    bench_load.py).  At most :data:`READ_AHEAD` records wait for the
+    daemon, so memory stays at a few records.  The end of the stream (its
+    trailer verified and the end of file seen) is yielded to no one: the
+    record iterator just ends, after every record verified and a two-phase
+    load's Commit.
     """
 
     def __init__(
@@ -270,9 +274,9 @@ class _RecordReader:
         self._iterative = iterative
         self._staged = staged
         self._submit = submit
-        self._decoder = StreamDecoder(expected_id=backend_id)
+        self._decoder = StreamDecoder(expected_id=backend_id, decompress=False)
         self._progress = progress
-        self._ahead: queue.Queue[Record | BaseException | None] = queue.Queue(READ_AHEAD)
+        self._ahead: queue.Queue[Record | CompressedRecord | BaseException | None] = queue.Queue(READ_AHEAD)
         self._producer: Future[None] | None = None
         self._stopping = False
         self.error: VMStateError | None = None
@@ -300,6 +304,8 @@ class _RecordReader:
                     self._staged.wait()
                 self.verified = True
             else:
+                if isinstance(item, CompressedRecord):
+                    item = item.decompress()  # verified before the daemon sees it
                 self._progress.records += 1
                 self._progress.raw_bytes += item.raw_size
                 yield item
@@ -328,7 +334,7 @@ class _RecordReader:
         else:
             self._put(None)
 
-    def _put(self, item: Record | BaseException | None) -> None:
+    def _put(self, item: Record | CompressedRecord | BaseException | None) -> None:
         while not self._stopping:
             try:
                 self._ahead.put(item, timeout=0.05)
@@ -350,7 +356,7 @@ class _RecordReader:
                     self._decoder.feed(data)
                 if len(data) < size:  # the end of file
                     self._decoder.feed_eof()
-            elif isinstance(event, Record):
+            elif isinstance(event, (Record, CompressedRecord)):
                 if event.type is not RecordType.DATA and not self._iterative:
                     raise Unsupported(
                         f"the stream is an iterative save's (a {event.type.name} record), and this back-end's "

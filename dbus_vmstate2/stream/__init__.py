@@ -15,7 +15,7 @@ from ._format import (
     Compression,
     RecordType,
 )
-from .decoder import DecodedStream, StreamDecoder, decode_stream
+from .decoder import CompressedRecord, DecodedStream, StreamDecoder, decode_stream
 from .encoder import StreamEncoder, encode_stream
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "NEED_DATA",
     "WINDOW_LOG_MAX",
     "Compression",
+    "CompressedRecord",
     "DecodedStream",
     "Event",
     "Record",

@@ -18,10 +18,11 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import deque
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import Corrupt, IdMismatch, Malformed, StreamError, StreamLimitExceeded, Truncated, UnsupportedVersion
-from ._events import NEED_DATA, Record, StreamEnd, StreamHeader, _Sentinel
+from ._events import NEED_DATA, Event, Record, StreamEnd, StreamHeader, _Sentinel
 from ._format import (
     HEADER_FIXED_SIZE,
     RECORD_HEADER_SIZE,
@@ -148,6 +149,44 @@ class _State(enum.Enum):
     DONE = "done"
 
 
+@dataclass(frozen=True, slots=True)
+class CompressedRecord(Event):
+    """A zstd record whose frame is neither decompressed nor checked yet,
+    from a decoder made with ``decompress=False``: :meth:`decompress` makes
+    it a verified :class:`Record`, in whichever thread calls it.
+
+    Its framing, sequence number and limits are checked, and the trailer's
+    counts and digest cover it, as for any record; its payload is not
+    verified until :meth:`decompress` has returned.
+    """
+
+    seq: int
+    """Sequence number: 0 for the first record, then +1."""
+    type: RecordType
+    """What the record carries."""
+    frame: memoryview
+    """The record's zstd frame, as on the wire (read-only)."""
+    raw_size: int
+    """Payload size after decompression, as the record header declares it."""
+    check: int
+    """The record header's check of the frame (§4.2)."""
+
+    @property
+    def wire_size(self) -> int:
+        """Payload size on the wire: the frame's."""
+        return len(self.frame)
+
+    def decompress(self) -> Record:
+        """Decompress and verify the frame (§4), at most ``raw_size`` + 1 bytes of output.
+
+        Raises:
+            Corrupt: the frame's check, its content checksum or its size is wrong.
+            StreamLimitExceeded: the frame asks for a window over WINDOW_LOG_MAX.
+        """
+        payload = memoryview(_unzstd(self.frame, self.raw_size, self.check, self.seq))
+        return Record(self.seq, self.type, payload, self.raw_size, len(self.frame))
+
+
 class StreamDecoder:
     """Decode and verify one stream.
 
@@ -160,11 +199,19 @@ class StreamDecoder:
             still checked, because the digest covers only headers.  A skimming
             decoder does not copy mutable input on feed(): call next_event()
             until NEED_DATA before reusing a fed buffer.
+        decompress: False to leave each zstd record to its consumer: it comes
+            out as a :class:`CompressedRecord`, whose ``decompress()``
+            verifies it, e.g. in the thread that takes the record, so that
+            reading the stream overlaps decompressing it.  All else is checked
+            here as usual (an uncompressed record's CRC-32 too); the stream
+            is verified once StreamEnd has come and every CompressedRecord
+            has been decompressed.
     """
 
-    def __init__(self, expected_id: str | None = None, *, payloads: bool = True) -> None:
+    def __init__(self, expected_id: str | None = None, *, payloads: bool = True, decompress: bool = True) -> None:
         self.expected_id = expected_id
         self.payloads = payloads
+        self.decompress = decompress
         self.header: StreamHeader | None = None
         """The stream header, once decoded."""
         self.records = 0
@@ -227,12 +274,13 @@ class StreamDecoder:
         """Mark the end of input; a stream then lacking its trailer raises Truncated."""
         self._eof = True
 
-    def next_event(self) -> StreamHeader | Record | StreamEnd | _Sentinel:
+    def next_event(self) -> StreamHeader | Record | CompressedRecord | StreamEnd | _Sentinel:
         """Return the next verified event, or NEED_DATA.
 
         Returns:
-            StreamHeader first, then each Record in order, then StreamEnd; then
-            NEED_DATA forever.  NEED_DATA also means "feed more bytes".
+            StreamHeader first, then each Record (or CompressedRecord, with
+            ``decompress=False``) in order, then StreamEnd; then NEED_DATA
+            forever.  NEED_DATA also means "feed more bytes".
 
         Raises:
             StreamError: one of BadMagic, UnsupportedVersion, Truncated,
@@ -308,7 +356,7 @@ class StreamDecoder:
         self.header = StreamHeader(backend_id, compression, level, size=size)
         return self.header
 
-    def _payload(self) -> Record | _Sentinel:
+    def _payload(self) -> Record | CompressedRecord | _Sentinel:
         rtype, raw_len, wire_len, check = self._rec
         payload: memoryview | None = None
         if not self.payloads:
@@ -326,14 +374,18 @@ class StreamDecoder:
                 if found != check:
                     raise Corrupt(f"record {self.records}: payload CRC {found:#010x}, expected {check:#010x}")
                 payload = data
+            elif not self.decompress:
+                return self._decoded(CompressedRecord(self.records, rtype, data, raw_len, check))
             else:
                 payload = memoryview(_unzstd(data, raw_len, check, self.records))
         else:
             payload = memoryview(b"")
-        event = Record(self.records, rtype, payload, raw_len, wire_len)
+        return self._decoded(Record(self.records, rtype, payload, raw_len, wire_len))
+
+    def _decoded(self, event: Record | CompressedRecord) -> Record | CompressedRecord:
         self.records += 1
-        self.raw_bytes += raw_len
-        self.wire_bytes += wire_len
+        self.raw_bytes += event.raw_size
+        self.wire_bytes += event.wire_size
         self._state = _State.UNIT
         return event
 
