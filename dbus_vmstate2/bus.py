@@ -13,6 +13,13 @@ It also fails cleanly where dbus-fast does not: a send that breaks the
 socket fails the call that made it and nothing else (dbus-fast leaves an
 unretrieved future that prints a traceback when collected), and a send on a
 closed connection raises at once (tests/test_bus.py).
+
+And a message whose body is one large byte array (a VMState1 blob, which
+QEMU waits for in the VM's downtime) goes to the socket from the array's
+own buffers: dbus-fast copies it twice first, into the body and then the
+body after the header.  The array may even be given as the pieces it is
+made of (:class:`SplitBytes`: a stream's headers around the daemon's own
+records), which are then never joined (benchmarks/bench_inline.py).
 """
 
 from __future__ import annotations
@@ -21,14 +28,71 @@ import array
 import asyncio
 import errno
 import socket
+import struct
+from collections.abc import Iterable
 
 from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _future_set_result, _MessageWriter
 
+LARGE_ARRAY = 64 << 10
+"""A byte array at least this large is sent from its own buffers, uncopied."""
+MAX_ARRAY = 64 << 20
+"""The D-Bus specification's largest array: a larger one is left to
+dbus-fast's marshalling, which refuses it with its own error."""
+SMALL_PIECE = 16 << 10
+"""Pieces of a :class:`SplitBytes` smaller than this are joined with their
+neighbours: so that a message is a few buffers, far below IOV_MAX."""
+MAX_IOV = 512
+"""The most buffers one sendmsg(2) is given (Linux takes 1024)."""
+
+
+class SplitBytes:
+    """One D-Bus byte array given as the pieces it is made of, in order,
+    which the project's connections send without joining them: only as the
+    whole body of an ``ay`` message (a VMState1 Save's reply) on a
+    connection made by :func:`open_bus`.
+
+    Each piece must be ``bytes`` or a view of ``bytes``, which nobody can
+    change while it waits to be written.  ``len()`` is the array's length,
+    and ``bytes()`` joins it.
+
+    Raises:
+        TypeError: a piece is anything else.
+    """
+
+    __slots__ = ("pieces", "_size")
+
+    def __init__(self, pieces: Iterable[bytes | memoryview]) -> None:
+        joined: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
+        for piece in pieces:
+            if type(piece) is memoryview and type(piece.obj) is bytes:
+                piece = piece.cast("B") if piece.format != "B" else piece
+            elif type(piece) is not bytes:
+                raise TypeError(f"a piece of SplitBytes must be bytes or a view of bytes, not {type(piece).__name__}")
+            if len(piece) < SMALL_PIECE:
+                small.append(piece)
+                continue
+            if small:
+                joined.append(b"".join(small))
+                small = []
+            joined.append(piece)
+        if small:
+            joined.append(b"".join(small))
+        self.pieces = tuple(joined)
+        self._size = sum(len(piece) for piece in joined)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
 
 class _PatientWriter(_MessageWriter):
-    """dbus-fast 5.2's ``_MessageWriter.write_callback``, but EAGAIN waits."""
+    """dbus-fast 5.2's ``_MessageWriter.write_callback``, but EAGAIN waits,
+    and a message may be queued as several buffers (:meth:`buffer_message`)."""
 
     def write_callback(self, remove_writer: bool = True) -> None:
         sock = self.sock
@@ -41,16 +105,15 @@ class _PatientWriter(_MessageWriter):
                         return
                     buf, unix_fds, fut = self.messages.popleft()
                     self.unix_fds = unix_fds
-                    self.buf = memoryview(buf)
-                    self.offset = 0
+                    self.buf = [memoryview(piece) for piece in buf] if type(buf) is tuple else [memoryview(buf)]
                     self.fut = fut
+                ancdata = []
                 if self.unix_fds and self.negotiate_unix_fd:
                     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
-                    self.offset += sock.sendmsg([self.buf[self.offset :]], ancdata)
-                    self.unix_fds = None  # sent with the first bytes
-                else:
-                    self.offset += sock.send(self.buf[self.offset :])
-                if self.offset < len(self.buf):
+                sent = sock.sendmsg(self.buf[:MAX_IOV], ancdata)
+                self.unix_fds = None  # sent with the first bytes
+                self.buf = _unsent(self.buf, sent)
+                if self.buf:
                     return  # the rest when the loop says the socket takes more
                 self.buf = None
                 _future_set_result(self.fut, None)
@@ -61,6 +124,38 @@ class _PatientWriter(_MessageWriter):
             return
         except Exception as e:
             self._fail(e)
+
+    def buffer_message(self, msg: Message, future: asyncio.Future | None = None) -> None:
+        """dbus-fast's, but a body of one large byte array is queued uncopied.
+
+        The message is marshalled with an empty array, whose length, and the
+        body's in the header, are then set to the real array's; that and the
+        array's own buffers are queued as one entry, written with one
+        sendmsg(2) (a header sent alone would wake the bus daemon for
+        nothing).  Only ``bytes`` and :class:`SplitBytes`, which nobody can
+        change while they wait to be written: dbus-fast's copy made a
+        mutable array safe to reuse.
+        """
+        body = msg.body
+        data = body[0] if msg.signature == "ay" and len(body) == 1 else None
+        if not isinstance(data, (bytes, SplitBytes)) or not LARGE_ARRAY <= len(data) <= MAX_ARRAY:
+            if isinstance(data, SplitBytes):  # small, or too large for D-Bus: dbus-fast's way
+                msg.body = [bytes(data)]
+            super().buffer_message(msg, future)
+            return
+        pieces = data.pieces if isinstance(data, SplitBytes) else (data,)
+        msg.body = [b""]
+        try:
+            head = bytearray(msg._marshall(self.negotiate_unix_fd))
+        finally:
+            msg.body = body
+        # The D-Bus header's fixed part: endianness, type, flags, version,
+        # body length (u32); the body is then the array's length (u32).
+        order = "<" if head[0] == ord("l") else ">"
+        struct.pack_into(order + "I", head, 4, 4 + len(data))
+        struct.pack_into(order + "I", head, len(head) - 4, len(data))
+        unix_fds = msg.unix_fds
+        self.messages.append(((head, *pieces), list(unix_fds) if unix_fds else None, future))
 
     def _fail(self, error: Exception) -> None:
         """The socket broke: fail this send and every queued one, then the connection.
@@ -93,6 +188,15 @@ class _PatientWriter(_MessageWriter):
         if self.bus._disconnected:
             raise BrokenPipeError(errno.EPIPE, "the connection to the bus is closed")
         super().schedule_write(msg, future)
+
+
+def _unsent(pieces: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``pieces`` once their first ``sent`` bytes are written."""
+    for i, piece in enumerate(pieces):
+        if sent < len(piece):
+            return [piece[sent:], *pieces[i + 1 :]]
+        sent -= len(piece)
+    return []
 
 
 async def open_bus(address: str | None) -> MessageBus:

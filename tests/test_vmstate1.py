@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from dbus_vmstate2.backend import Backend, InlineMode, ThreadedBackend, inline_capacity
-from dbus_vmstate2.backend.inline import SAMPLE_SIZE, SAMPLES, decode_inline, encode_inline, worth_compressing
+from dbus_vmstate2.backend.inline import SAMPLE_SIZE, SAMPLES, decode_inline, encode_inline, inline_blob, worth_compressing
 from dbus_vmstate2.bus import open_bus
 from dbus_vmstate2.errors import BackendFailed, ErrorName, IdMismatch, LimitExceeded, StreamError
 from dbus_vmstate2.examples.memstate import deterministic_state
@@ -393,6 +393,19 @@ def test_blobs_compressed_before_the_sample_still_load():
 def test_a_legacy_blob_of_one_bytes_record_is_that_record():
     state = bytes(deterministic_state(1000, 1))
     assert encode_inline("l", [state], mode=InlineMode.LEGACY) is state
+
+
+@pytest.mark.parametrize("mode", [InlineMode.STREAM, InlineMode.LEGACY])
+def test_a_blob_holds_bytes_records_as_they_are_and_copies_the_others(mode):
+    # The reply is written after Save returned: a record the daemon could
+    # still change must be copied, one that cannot need not be.
+    fixed = bytes(deterministic_state(200_000, 1))
+    mutable = bytearray(deterministic_state(200_000, 2))
+    state = fixed + bytes(mutable) + bytes(mutable[:100_000])
+    blob = inline_blob("b", [fixed, mutable, memoryview(mutable)[:100_000]], Compression.NONE, mode)
+    mutable[:] = bytes(len(mutable))
+    assert any(piece is fixed for piece in blob.pieces)
+    assert b"".join(r.payload for r in decode_inline("b", bytes(blob), mode)) == state
 
 
 async def test_a_query_while_a_large_reply_goes_out_leaves_the_backend_on_its_bus(bus_address, client, memstate):

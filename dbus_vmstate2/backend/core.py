@@ -32,7 +32,7 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, NameFlag, Variant
 from dbus_fast.aio import MessageBus
 
-from ..bus import open_bus
+from ..bus import SplitBytes, open_bus
 from ..errors import BackendFailed, InvalidState, Unsupported, VMStateError
 from ..names import OBJECT_PATH, VMSTATE1, VMSTATE1_SIZE_LIMIT, VMSTATE2, check_id
 from ..states import Effect, Event, Machine, State, Step, Transfer
@@ -42,7 +42,7 @@ from .callers import CallerGate, default_allowed_uids
 from .channel import Channel
 from .daemon import Daemon, LoadCallable, Pending, PreCopyDaemon, SaveCallable, as_daemon
 from .fdguard import READ, WRITE, FdGuard
-from .inline import InlineMode, decode_inline, encode_inline
+from .inline import InlineMode, decode_inline, inline_blob
 from .notify import Notifier
 from .precopy import PreCopyControl, precopy_stream
 from .records import BytesLike, SaveResult, iter_records, nbytes
@@ -553,11 +553,11 @@ class Backend:
         """Send the signals of the VMState1 call ``call`` (its task) after its reply."""
         self._vmstate2.hold_signals_until(call)
 
-    async def save_inline(self) -> bytes:
+    async def save_inline(self) -> SplitBytes:
         """VMState1 Save: the whole state as one blob of <= 1 MiB (backend/inline.py)."""
         step = self._handle(Event.SAVE)
         job = self._job = Job(step.transfer)
-        blob = b""
+        blob = SplitBytes(())
 
         async def work() -> None:
             nonlocal blob
@@ -614,13 +614,13 @@ class Backend:
         if transfer.error is not None:
             raise type(transfer.error)(str(transfer.error))
 
-    def _encode_inline(self, state: SaveResult, progress: Progress) -> bytes:
+    def _encode_inline(self, state: SaveResult, progress: Progress) -> SplitBytes:
         def counted() -> Iterator[BytesLike]:
             for record in iter_records(state):
                 progress.records += 1
                 progress.raw_bytes += nbytes(record)
                 yield record
 
-        blob = encode_inline(self.id, counted(), self._compression, self._inline_mode)
+        blob = inline_blob(self.id, counted(), self._compression, self._inline_mode)
         progress.stream_bytes = len(blob)
         return blob

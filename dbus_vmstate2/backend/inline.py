@@ -39,6 +39,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 
+from ..bus import SplitBytes
 from ..errors import LimitExceeded, StreamLimitExceeded
 from ..names import VMSTATE1_SIZE_LIMIT
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder
@@ -82,13 +83,24 @@ def encode_inline(
     compression: Compression = Compression.ZSTD,
     mode: InlineMode = InlineMode.STREAM,
 ) -> bytes:
-    """The VMState1 blob of a state: at most ``VMSTATE1_SIZE_LIMIT`` bytes.
+    """The VMState1 blob of a state, joined: :func:`inline_blob` as ``bytes``."""
+    return bytes(inline_blob(backend_id, records, compression, mode))
 
-    Runs inside QEMU's downtime, so it does the least it can: the blob is
-    made with one copy of the state (a ``legacy`` blob that is one ``bytes``
-    record with none), and a state that fits uncompressed is compressed only
-    if a sample of it shrinks (:func:`worth_compressing`) and the whole
-    then does.
+
+def inline_blob(
+    backend_id: str,
+    records: Iterable[BytesLike],
+    compression: Compression = Compression.ZSTD,
+    mode: InlineMode = InlineMode.STREAM,
+) -> SplitBytes:
+    """The VMState1 blob of a state, at most ``VMSTATE1_SIZE_LIMIT`` bytes,
+    as the pieces it is made of, for the reply to send unjoined.
+
+    Runs inside QEMU's downtime, so it does the least it can: the blob
+    holds the records that are ``bytes`` as they are (a record of any other
+    type is copied, since the daemon could change it while the reply is
+    written), and a state that fits uncompressed is compressed only if a
+    sample of it shrinks (:func:`worth_compressing`) and the whole then does.
 
     Args:
         compression: the most a ``stream`` blob may use; a state that does
@@ -108,7 +120,7 @@ def encode_inline(
     if mode is InlineMode.LEGACY:
         if raw > VMSTATE1_SIZE_LIMIT:
             raise _too_large(backend_id, f"is over {VMSTATE1_SIZE_LIMIT} bytes")
-        return b"".join(head)  # one bytes record is returned as it is
+        return _pieces(head)
     if raw > VMSTATE1_SIZE_LIMIT:
         if compression is Compression.NONE:
             raise _too_large(backend_id, f"is over {VMSTATE1_SIZE_LIMIT} bytes and is not compressed")
@@ -179,12 +191,12 @@ def _slice(views: list[memoryview], start: int, size: int) -> list[memoryview]:
 
 def _encode_capped(
     backend_id: str, records: Iterable[BytesLike], compression: Compression, cap: int | None = None
-) -> bytes | None:
-    """Encode ``records`` into one blob, joined once at the end; with ``cap``,
-    None as soon as the blob would exceed it, else LimitExceeded past QEMU's limit.
+) -> SplitBytes | None:
+    """Encode ``records`` into one blob; with ``cap``, None as soon as the
+    blob would exceed it, else LimitExceeded past QEMU's limit.
 
     Uncompressed, the encoder's chunks are the records themselves (views,
-    not copies): the join is the one copy of the state.
+    not copies): a blob of ``bytes`` records holds no copy of the state.
     """
     limit = VMSTATE1_SIZE_LIMIT if cap is None else min(cap, VMSTATE1_SIZE_LIMIT)
     encoder = StreamEncoder(backend_id, compression=compression)
@@ -199,10 +211,18 @@ def _encode_capped(
             break
     else:
         chunks += encoder.finish()
-        return b"".join(chunks)
+        return _pieces(chunks)
     if cap is not None:
         return None
     raise _too_large(backend_id, f"encodes to more than {VMSTATE1_SIZE_LIMIT} bytes")
+
+
+def _pieces(chunks: Iterable[BytesLike]) -> SplitBytes:
+    """The chunks as they are if they are ``bytes`` (or views of it), else copies."""
+    return SplitBytes(
+        chunk if type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes) else bytes(chunk)
+        for chunk in chunks
+    )
 
 
 def _too_large(backend_id: str, why: str) -> LimitExceeded:

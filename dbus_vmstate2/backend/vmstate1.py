@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from dbus_fast.annotations import DBusBytes, DBusStr
 from dbus_fast.service import PropertyAccess, dbus_property, method
 
+from ..bus import SplitBytes
 from ..names import VMSTATE1
 from .boundary import dbus_errors
 from .surface import DescribedInterface
@@ -18,7 +19,7 @@ class Handler(Protocol):
 
     id: str
 
-    async def save_inline(self) -> bytes: ...
+    async def save_inline(self) -> SplitBytes: ...
     async def load_inline(self, blob: bytes) -> None: ...
     def signals_after_reply(self, call: "asyncio.Task[Any]") -> None: ...
 
@@ -40,6 +41,7 @@ class VMState1Interface(DescribedInterface):
     async def Save(self) -> DBusBytes:  # noqa: N802
         # Each call is its own task in dbus-fast; its reply is downtime, so
         # the signals it causes wait for it (VMState2Interface.hold_signals_until).
+        # The blob is SplitBytes, which our connection sends unjoined (bus.py).
         self._backend.signals_after_reply(asyncio.current_task())  # type: ignore[arg-type]
         with dbus_errors("VMState1 Save"):
             return await self._backend.save_inline()
