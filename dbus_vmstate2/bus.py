@@ -53,8 +53,8 @@ class SplitBytes:
     whole body of an ``ay`` message (a VMState1 Save's reply) on a
     connection made by :func:`open_bus`.
 
-    Each piece must be ``bytes`` or a view of ``bytes``, which nobody can
-    change while it waits to be written.  ``len()`` is the array's length,
+    Each piece must be ``bytes`` or a contiguous view of ``bytes``, which
+    nobody can change while it waits to be written.  ``len()`` is the array's length,
     and ``bytes()`` joins it.
 
     Raises:
@@ -67,10 +67,12 @@ class SplitBytes:
         joined: list[bytes | memoryview] = []
         small: list[bytes | memoryview] = []
         for piece in pieces:
-            if type(piece) is memoryview and type(piece.obj) is bytes:
-                piece = piece.cast("B") if piece.format != "B" else piece
+            if type(piece) is memoryview and type(piece.obj) is bytes and piece.c_contiguous:
+                piece = memoryview(piece).cast("B")  # a view of our own: the caller may release theirs
             elif type(piece) is not bytes:
-                raise TypeError(f"a piece of SplitBytes must be bytes or a view of bytes, not {type(piece).__name__}")
+                raise TypeError(
+                    f"a piece of SplitBytes must be bytes or a contiguous view of bytes, not {type(piece).__name__}"
+                )
             if len(piece) < SMALL_PIECE:
                 small.append(piece)
                 continue
@@ -105,8 +107,8 @@ class _PatientWriter(_MessageWriter):
                         return
                     buf, unix_fds, fut = self.messages.popleft()
                     self.unix_fds = unix_fds
-                    self.buf = [memoryview(piece) for piece in buf] if type(buf) is tuple else [memoryview(buf)]
                     self.fut = fut
+                    self.buf = [memoryview(piece) for piece in buf] if type(buf) is tuple else [memoryview(buf)]
                 ancdata = []
                 if self.unix_fds and self.negotiate_unix_fd:
                     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
@@ -188,6 +190,12 @@ class _PatientWriter(_MessageWriter):
         if self.bus._disconnected:
             raise BrokenPipeError(errno.EPIPE, "the connection to the bus is closed")
         super().schedule_write(msg, future)
+
+
+def sends_unjoined(bus: MessageBus) -> bool:
+    """Whether ``bus`` sends :class:`SplitBytes` (a connection of :func:`open_bus`
+    whose writer could be replaced: see there)."""
+    return isinstance(bus._writer, _PatientWriter)
 
 
 def _unsent(pieces: list[memoryview], sent: int) -> list[memoryview]:

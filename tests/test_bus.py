@@ -99,6 +99,10 @@ def test_split_bytes_take_only_what_cannot_change():
     assert bytes(SplitBytes([b"ab", memoryview(b"xcd")[1:]])) == b"abcd"
     assert len(SplitBytes([b"ab", memoryview(b"xcd")[1:]])) == 4
     assert len(SplitBytes([b"a"] * 100).pieces) == 1  # small pieces are joined
-    for mutable in (bytearray(b"ab"), memoryview(bytearray(b"ab"))):
-        with pytest.raises(TypeError, match="bytes or a view of bytes"):
-            SplitBytes([b"ok", mutable])
+    for unsafe in (bytearray(b"ab"), memoryview(bytearray(b"ab")), memoryview(b"abcd")[::2]):
+        with pytest.raises(TypeError, match="bytes or a contiguous view of bytes"):
+            SplitBytes([b"ok", unsafe])
+    theirs = memoryview(bytes(range(256)) * 128).cast("B", (128, 256))  # 32 KiB in two dimensions
+    split = SplitBytes([theirs])
+    theirs.release()  # the caller's view; the pieces hold their own
+    assert len(split) == 32 << 10 and bytes(split) == bytes(range(256)) * 128

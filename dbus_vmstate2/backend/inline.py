@@ -218,9 +218,11 @@ def _encode_capped(
 
 
 def _pieces(chunks: Iterable[BytesLike]) -> SplitBytes:
-    """The chunks as they are if they are ``bytes`` (or views of it), else copies."""
+    """The chunks as they are if they are ``bytes`` (or contiguous views of it), else copies."""
     return SplitBytes(
-        chunk if type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes) else bytes(chunk)
+        chunk
+        if type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes and chunk.c_contiguous)
+        else bytes(chunk)
         for chunk in chunks
     )
 

@@ -3,7 +3,9 @@
 :meth:`StreamDecoder.next_event` returns exactly one of :class:`StreamHeader`
 (once, first), :class:`Record` (zero or more, in order, each verified) and
 :class:`StreamEnd` (once, last, after the whole stream verified), or the
-sentinel :data:`NEED_DATA`.
+sentinel :data:`NEED_DATA`.  A decoder made with ``decompress=False`` gives a
+zstd record as a :class:`~.decoder.CompressedRecord` instead, whose frame is
+verified only by its ``decompress()``.
 """
 
 from __future__ import annotations

@@ -181,6 +181,8 @@ class CompressedRecord(Event):
 
         Raises:
             Corrupt: the frame's check, its content checksum or its size is wrong.
+            Malformed: the frame header breaks a rule of §4 (no content
+                checksum, a dictionary, reserved bits).
             StreamLimitExceeded: the frame asks for a window over WINDOW_LOG_MAX.
         """
         payload = memoryview(_unzstd(self.frame, self.raw_size, self.check, self.seq))
@@ -275,7 +277,8 @@ class StreamDecoder:
         self._eof = True
 
     def next_event(self) -> StreamHeader | Record | CompressedRecord | StreamEnd | _Sentinel:
-        """Return the next verified event, or NEED_DATA.
+        """Return the next verified event (a CompressedRecord: verified but
+        for its frame), or NEED_DATA.
 
         Returns:
             StreamHeader first, then each Record (or CompressedRecord, with
