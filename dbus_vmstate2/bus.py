@@ -47,6 +47,12 @@ MAX_IOV = 512
 """The most buffers one sendmsg(2) is given (Linux takes 1024)."""
 
 
+def unchangeable(piece: object) -> bool:
+    """Whether ``piece`` is ``bytes`` or a contiguous view of ``bytes``: what
+    :class:`SplitBytes` takes, as nobody can change it while it is written."""
+    return type(piece) is bytes or (type(piece) is memoryview and type(piece.obj) is bytes and piece.c_contiguous)
+
+
 class SplitBytes:
     """One D-Bus byte array given as the pieces it is made of, in order,
     which the project's connections send without joining them: only as the
@@ -67,12 +73,12 @@ class SplitBytes:
         joined: list[bytes | memoryview] = []
         small: list[bytes | memoryview] = []
         for piece in pieces:
-            if type(piece) is memoryview and type(piece.obj) is bytes and piece.c_contiguous:
-                piece = memoryview(piece).cast("B")  # a view of our own: the caller may release theirs
-            elif type(piece) is not bytes:
+            if not unchangeable(piece):
                 raise TypeError(
                     f"a piece of SplitBytes must be bytes or a contiguous view of bytes, not {type(piece).__name__}"
                 )
+            if type(piece) is memoryview:
+                piece = memoryview(piece).cast("B")  # a view of our own: the caller may release theirs
             if len(piece) < SMALL_PIECE:
                 small.append(piece)
                 continue

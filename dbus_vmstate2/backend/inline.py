@@ -39,7 +39,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 
-from ..bus import SplitBytes
+from ..bus import SplitBytes, unchangeable
 from ..errors import LimitExceeded, StreamLimitExceeded
 from ..names import VMSTATE1_SIZE_LIMIT
 from ..stream import NEED_DATA, Compression, Record, RecordType, StreamDecoder, StreamEncoder
@@ -218,13 +218,8 @@ def _encode_capped(
 
 
 def _pieces(chunks: Iterable[BytesLike]) -> SplitBytes:
-    """The chunks as they are if they are ``bytes`` (or contiguous views of it), else copies."""
-    return SplitBytes(
-        chunk
-        if type(chunk) is bytes or (type(chunk) is memoryview and type(chunk.obj) is bytes and chunk.c_contiguous)
-        else bytes(chunk)
-        for chunk in chunks
-    )
+    """The chunks as they are if nobody can change them, else copies."""
+    return SplitBytes(chunk if unchangeable(chunk) else bytes(chunk) for chunk in chunks)
 
 
 def _too_large(backend_id: str, why: str) -> LimitExceeded:
