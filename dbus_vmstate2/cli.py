@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import metadata
 from typing import Any, TypeVar
 
 from dbus_fast import Variant
@@ -97,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "link, destination or QEMU failed (the source runs on), 130 interrupted, "
         "141 standard output closed.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
     _add_status(sub)
@@ -114,7 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, which looks the version up only when asked: importing
+    importlib.metadata takes 30 to 45 ms, which every command used to pay."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version number and exit")  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        try:
+            _out(f"{parser.prog} {_version()}")
+            _flush()
+        except StdoutClosed:  # as argparse's own --help: not an error
+            _silence_stdout()
+        parser.exit()
+
+
 def _version() -> str:
+    from importlib import metadata
+
     try:
         return metadata.version("dbus-vmstate2")
     except metadata.PackageNotFoundError:
