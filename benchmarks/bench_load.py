@@ -2,7 +2,7 @@
 
 Run (after `source scripts/setup.sh` made .venv):
 
-    .venv/bin/python benchmarks/bench_load.py [--sizes 1G] [--linear 256M,1G,2G,4G] [--runs 5] [--quick]
+    .venv/bin/python benchmarks/bench_load.py [--sizes 1G] [--linear 256M,1G,2G,4G] [--runs 6] [--quick]
 
 A load is what the VM waits for on the destination.  For each state kind
 (``random``: pseudo-random bytes, as memstate makes them; ``compressible``:
@@ -22,11 +22,15 @@ before), this times, in turn, in the same run:
   state), the limit for a compressed load;
 - ``load zstd``: the same load of a file saved with zstd (level 1).
 
-Each round times every case once, baseline then load, so that both sides of
-a ratio meet the same state of the machine; the figures are medians over
-the rounds (--runs).  The ratio is the median baseline time over the median
-load time (1.0: as fast; the target is at least 0.8), and beside it the
-range of the rounds' own ratios.  Beside the times: the system time of each
+Each round times every case once, baseline and load one after the other, so
+that both sides of a ratio meet the same state of the machine, and the
+rounds alternate which side goes first.  On this project's test VM the side
+that went second took up to twice as long cold, whichever it was: a fixed
+order (as before) charged that to the load alone.  A round's ratio is its
+baseline time over its load time (1.0: as fast; the target is at least
+0.8); the figure is the geometric mean of the rounds' ratios, which weighs
+both orders alike when --runs is even (as it must be), and beside it their
+range.  The times are medians over the rounds.  Beside the times: the system time of each
 side (the baseline's two processes; the VMM helper and the back-end), page
 faults per GiB of state (minor faults, of the VMM helper and of the
 back-end during the load) and peak memory (the VMM's ru_maxrss; the
@@ -53,7 +57,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from statistics import median
+from statistics import geometric_mean, median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,6 +112,15 @@ def warm_cache(path: Path) -> None:
     with path.open("rb") as file:
         while file.read(8 * MiB):
             pass
+
+
+def prepare(cache: str, own: Path, other: Path) -> None:
+    """Cold: neither file in the page cache; warm: this side's file read once."""
+    if cache == "cold":
+        drop_cache(own)
+        drop_cache(other)
+    else:
+        warm_cache(own)
 
 
 def pipeline(first: list[str], size: int) -> dict[str, float]:
@@ -177,10 +190,11 @@ def print_row(kind: str, size: int, case: tuple[str, str], bases: list[dict[str,
     cache, compression = case
     base, load = (median(run["seconds"] for run in runs) for runs in (bases, loads))
     ratios = sorted(b["seconds"] / l["seconds"] for b, l in zip(bases, loads, strict=True))
+    ratio = geometric_mean(ratios)  # half the rounds in each order: see the docstring
     typical = sorted(loads, key=lambda run: run["seconds"])[len(loads) // 2]
     print(f"| {kind} | {size // MiB} MiB | {cache} | {'raw pipe' if compression == 'none' else 'zstd -dc'} "
           f"| {base:.2f} ({median(b['system'] for b in bases):.2f}) | {load:.2f} ({median(l['system'] for l in loads):.2f}) "
-          f"| {base / load:.2f} | {ratios[0]:.2f} to {ratios[-1]:.2f} "
+          f"| {ratio:.2f} | {ratios[0]:.2f} to {ratios[-1]:.2f} "
           f"| {per_gib(typical['vmm_faults'] * 4096, size) / GiB:.2f} GiB | {per_gib(typical['backend_faults'] * 4096, size) / GiB:.2f} GiB "
           f"| {typical['vmm_rss'] / MiB:.0f} MiB | {typical['backend_growth'] / size:.2f}x |", flush=True)  # fmt: skip
 
@@ -189,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1G", help="state sizes compared with the baselines (default 1G)")
     parser.add_argument("--linear", default="256M,1G,2G,4G", help="sizes of the linearity run (default 256M,1G,2G,4G)")
-    parser.add_argument("--runs", type=int, default=5, help="interleaved rounds, medians taken (default 5)")
+    parser.add_argument("--runs", type=int, default=6,
+                        help="interleaved rounds, each order of the two sides in half of them (even; default 6)")
     parser.add_argument("--tmpdir", help="where the files go (default: the system's temporary directory)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 1 run, linear 32M,64M")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 2 runs, linear 32M,64M")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.linear, args.runs = "64M", "32M,64M", 1
+        args.sizes, args.linear, args.runs = "64M", "32M,64M", 2
+    if args.runs < 2 or args.runs % 2:
+        parser.error(f"--runs must be even, so that each side goes first as often: not {args.runs}")
     if shutil.which("zstd") is None:
         parser.error("the zstd command is needed for the baseline (apt-get install zstd)")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
@@ -208,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-load-", dir=args.tmpdir)))
         log = work / "processes.log"
         bus = stack.enter_context(PrivateBus())
-        print(f"bench_load: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, medians of {args.runs} "
-              f"interleaved rounds, load average {os.getloadavg()[0]:.2f}", flush=True)
-        print("| state | size | cache | baseline | baseline s (system) | load s (system) | ratio of medians | rounds' ratios "
+        print(f"bench_load: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.runs} "
+              f"interleaved rounds (each side first in half), load average {os.getloadavg()[0]:.2f}", flush=True)
+        print("| state | size | cache | baseline | baseline s (system) | load s (system) | ratio | rounds' ratios "
               "| faults/GiB VMM | faults/GiB back-end | VMM peak RSS | back-end growth / state |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for kind in ("random", "compressible"):
@@ -224,16 +241,19 @@ def main(argv: list[str] | None = None) -> int:
                 cases = [(cache, compression) for cache in ("cold", "warm") for compression in files]
                 bases: dict[tuple[str, str], list[dict[str, float]]] = {case: [] for case in cases}
                 loads: dict[tuple[str, str], list[dict[str, float]]] = {case: [] for case in cases}
-                for _ in range(args.runs):
+                for run in range(args.runs):
                     for cache, compression in cases:
                         path = files[compression]
                         source = state if compression == "none" else Path(f"{state}.zst")
                         first = ["cat", str(source)] if compression == "none" else ["zstd", "-dc", str(source)]
-                        for f in (source, path):
-                            drop_cache(f) if cache == "cold" else warm_cache(f)
-                        bases[cache, compression].append(pipeline(first, size))
-                        drop_cache(path) if cache == "cold" else warm_cache(path)
-                        loads[cache, compression].append(timed_load(bus.address, path, "bench", log))
+
+                        for side in ("baseline", "load") if run % 2 == 0 else ("load", "baseline"):
+                            if side == "baseline":
+                                prepare(cache, source, path)
+                                bases[cache, compression].append(pipeline(first, size))
+                            else:
+                                prepare(cache, path, source)
+                                loads[cache, compression].append(timed_load(bus.address, path, "bench", log))
                 for case in cases:
                     print_row(kind, size, case, bases[case], loads[case])
                 for f in (state, Path(f"{state}.zst"), *files.values()):
@@ -246,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
             make_state("random", size, state)
             path = work / "linear.vms"
             saved_file(bus.address, state, "none", path, log)
-            best_load = best_raw = float("inf")
-            for _ in range(args.runs):
-                warm_cache(state)
-                best_raw = min(best_raw, pipeline(["cat", str(state)], size)["seconds"])
-                warm_cache(path)
-                best_load = min(best_load, timed_load(bus.address, path, "bench", log)["seconds"])
+            raws, loads_ = [], []
+            for run in range(args.runs):
+                for side in ("raw", "load") if run % 2 == 0 else ("load", "raw"):
+                    if side == "raw":
+                        warm_cache(state)
+                        raws.append(pipeline(["cat", str(state)], size)["seconds"])
+                    else:
+                        warm_cache(path)
+                        loads_.append(timed_load(bus.address, path, "bench", log)["seconds"])
+            best_load, best_raw = min(loads_), min(raws)
             print(f"| {size // MiB} MiB | {best_load:.2f} | {per_gib(best_load, size):.2f} | {per_gib(best_raw, size):.2f} |",
                   flush=True)  # fmt: skip
             state.unlink()
