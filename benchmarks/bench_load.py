@@ -22,25 +22,26 @@ before), this times, in turn, in the same run:
   state), the limit for a compressed load;
 - ``load zstd``: the same load of a file saved with zstd (level 1).
 
-Each round times every case once, baseline and load one after the other, so
-that both sides of a ratio meet the same state of the machine, and the
-rounds alternate which side goes first.  On this project's test VM the side
-that went second took up to twice as long cold, whichever it was: a fixed
-order (as before) charged that to the load alone.  A round's ratio is its
-baseline time over its load time (1.0: as fast; the target is at least
-0.8); the figure is the geometric mean of the rounds' ratios, which weighs
-both orders alike when --runs is even (as it must be), and beside it their
-range.  The times are medians over the rounds.  Beside the times: the system time of each
-side (the baseline's two processes; the VMM helper and the back-end), page
-faults per GiB of state (minor faults, of the VMM helper and of the
-back-end during the load) and peak memory (the VMM's ru_maxrss; the
-back-end's VmHWM growth over its state).  On a virtual machine whose
-balloon reports freed memory to its host, first-touched memory and page
-cache cost the host's faults, and the system times show how much of a
-round that was.  The package's bytecode is compiled first, as an
-installed package's is.  ``--linear`` times the warm uncompressed load of random
-state at several sizes, to show that its time per GiB is flat (best of
---runs).  No figure is asserted.
+Each round times every case once, baseline and load one after the other,
+and the rounds alternate which goes first.  Before each side a cold case
+drops both sides' files from the page cache (a warm case reads its own
+once): on this project's test VM a cold side that ran while the other
+side's file, just read, still sat in the page cache took up to twice as
+long, and the fixed order of earlier versions (baseline, then load) charged
+that to the load alone.  A round's ratio is its baseline time over its load
+time (1.0: as fast; the target is at least 0.8); the figure is the geometric
+mean of the rounds' ratios (--runs is even, so both orders weigh alike), and
+beside it their range.  The times are medians over the rounds.  Beside
+the times: the system time of each side (the baseline's two processes; the
+VMM helper and the back-end), page faults per GiB of state (minor faults,
+of the VMM helper and of the back-end during the load) and peak memory (the
+VMM's ru_maxrss; the back-end's VmHWM growth over its state).  On a virtual
+machine whose balloon reports freed memory to its host, first-touched
+memory and page cache cost the host's faults, and the system times show how
+much of a round that was.  The package's bytecode is compiled first, as an
+installed package's is.  ``--linear`` times the warm uncompressed load of
+random state at several sizes, to show that its time per GiB is flat (best
+of --runs).  No figure is asserted.
 """
 
 from __future__ import annotations
