@@ -25,7 +25,7 @@ from dbus_fast import Variant
 
 from . import entry
 from .display import StatusLine, live_line, progress_line
-from .units import duration, parse_size, size
+from .units import parse_size, size
 from .errors import LinkFailed, PeerRefused, StreamError, VMStateError
 from .stream.container import StreamInfo
 from .vmm import (
@@ -113,21 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _VersionAction(argparse.Action):
+class _VersionAction(argparse._VersionAction):  # its class, so that shtab's completions know it
     """``--version``, which looks the version up only when asked: importing
     importlib.metadata takes 30 to 45 ms, which every command used to pay."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
-                         help="show the program's version number and exit")  # fmt: skip
-
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        try:
-            _out(f"{parser.prog} {_version()}")
-            _flush()
-        except StdoutClosed:  # as argparse's own --help: not an error
-            _silence_stdout()
-        parser.exit()
+        self.version = f"%(prog)s {_version()}"
+        super().__call__(parser, *args)
 
 
 def _version() -> str:
