@@ -336,7 +336,8 @@ def test_the_helper_stopped_then_continued_in_mid_transfer(bus, backends, tmp_pa
     wait_for(lambda: backend_state(bus.address, big) == "running", "the back-end to serve on")
     wait_for(lambda: count_fds(big.process.pid) == fds, "the back-end's fds to be closed", timeout=10)
     if operation != "load":
-        # Whatever happened, the source's state is whole.
+        # Whatever happened, the source's state is whole, in both back-ends.
+        wait_for(lambda: backend_state(bus.address, small) == "running", "the small back-end to serve on")
         assert main(["save", str(tmp_path / "again.vmstate"), "--address", bus.address]) == 0
         assert saved_sizes(tmp_path / "again.vmstate", capsys) == {"small": 1 << 20, "big": BIG}
     no_zombies(big.process.pid)
